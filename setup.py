@@ -21,9 +21,8 @@ def compile_protos() -> None:
     include = Path(protoc.__file__).resolve().parent / "_proto"
     protos = sorted(str(p.relative_to(SRC)) for p in SRC.glob("hako*/**/*.proto"))
     for proto in protos:
-        rc = protoc.main(
-            ["grpc_tools.protoc", f"-I{SRC}", f"-I{include}", f"--python_out={SRC}", f"--pyi_out={SRC}", proto]
-        )
+        args = [f"-I{SRC}", f"-I{include}", f"--python_out={SRC}", f"--pyi_out={SRC}", proto]
+        rc = protoc.main(["grpc_tools.protoc", *args])
         if rc != 0:
             raise SystemExit(f"protoc failed on {proto}")
 

@@ -23,11 +23,14 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import socket
     from collections.abc import Callable, Sequence
+    from typing import TypeVar
 
     from google.protobuf.descriptor import ServiceDescriptor
     from google.protobuf.message import Message
 
     from hako_ttrpc.transport import Transport
+
+    Req = TypeVar("Req", bound=Message)
 
     Handler = Callable[[Message, "CallContext"], Message]
     RawHandler = Callable[["CallContext", bytes], bytes]
@@ -91,7 +94,11 @@ class Server:
                 )
 
     def register_method(
-        self, service: str, method: str, request_type: type[Message], handler: Handler
+        self,
+        service: str,
+        method: str,
+        request_type: type[Req],
+        handler: Callable[[Req, CallContext], Message],
     ) -> None:
         self._methods[(service, method)] = (request_type, handler)
 

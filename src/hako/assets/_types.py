@@ -1,0 +1,84 @@
+"""The public value types of hako.assets (re-exported there)."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+KERNEL_KINDS = ("trimmed", "debian")
+IMAGE_FORMATS = ("initramfs", "erofs")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    kind: str  # "trimmed" | "debian"
+    path: Path  # uncompressed ELF vmlinux, booted by PVH (for debian: extracted from its vmlinuz)
+    release: str  # e.g. "6.1.192-hako" / "6.1.0-56-amd64"
+    cmdline: tuple[str, ...]  # recommended kernel args for a fast boot on microvm (any accelerator)
+    # -M microvm,<these>: the trimmed kernel has no ACPI, and with acpi=off QEMU also appends the
+    # virtio_mmio.device=... args of the attached devices to the kernel command line; the debian
+    # kernel finds virtio-mmio devices only through ACPI, so it keeps microvm's default.
+    microvm_options: tuple[str, ...] = ()
+
+    def cmdline_for(self, accel: str) -> tuple[str, ...]:
+        """:attr:`cmdline` plus the args this kernel needs under ``accel`` ("kvm" or "tcg").
+
+        Under TCG the guest TSC runs at the host TSC's rate, but emulation jitter makes the kernel
+        distrust it: its calibration against the emulated PIT fails at random (the debian kernel
+        then hangs in most boots) and the clocksource watchdog later drops it for jiffies (4 ms
+        clock resolution). ``tsc_early_khz`` and ``tsc=reliable`` prevent both. Under KVM the
+        kernel uses kvm-clock and needs neither.
+        """
+        if accel != "tcg":
+            return self.cmdline
+        khz = host_tsc_khz()
+        return (*self.cmdline, *((f"tsc_early_khz={khz}",) if khz else ()), "tsc=reliable")
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    kernel_kind: str
+    format: str  # "initramfs" | "erofs"
+    path: Path
+    size_bytes: int
+
+    @property
+    def cmdline(self) -> tuple[str, ...]:
+        """Kernel args this image needs: for erofs, its root (attached as the first virtio-blk
+        device, read-only) and /init as init (the kernel looks for /init only in an initramfs)."""
+        if self.format == "erofs":
+            return ("root=/dev/vda", "ro", "rootfstype=erofs", "init=/init")
+        return ()
+
+
+@dataclass(frozen=True)
+class AssetStatus:
+    """One asset for `hako check`: built or not, where, how big."""
+
+    name: str  # "kernel/trimmed", "image/trimmed/erofs", ...
+    built: bool
+    path: Path | None
+    size_bytes: int
+    detail: str  # release, or what to run to build it
+
+
+@functools.cache
+def host_tsc_khz() -> int | None:
+    """The host's TSC rate in kHz (what a TCG guest's TSC runs at), from /proc/cpuinfo; None if
+    the CPU has no constant TSC (then "cpu MHz" is not the TSC rate)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags: set[str] = set()
+    mhz = None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags" and not flags:
+            flags = set(value.split())
+        elif key.strip() == "cpu MHz" and mhz is None:
+            mhz = float(value)
+    if mhz is None or "constant_tsc" not in flags:
+        return None
+    return round(mhz * 1000)

@@ -1,0 +1,36 @@
+"""Small things every command needs."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from hako.errors import UsageError
+from hako.hypervisor import Accelerator, choose
+from hako.runtime import paths
+
+
+def require_root(command: str) -> None:
+    if os.geteuid() != 0:
+        raise UsageError(f"hako {command} must run as root: it manages VMs, mounts and /run/hako")
+
+
+def accelerator(requested: str) -> Accelerator:
+    """Choose the accelerator; say once per host boot when auto falls back to TCG."""
+    accel = choose(requested)
+    if requested == "auto" and accel.name == "tcg":
+        marker = paths.run_root() / "tcg-notice"
+        if not marker.exists():
+            print(f"hako: using {accel.reason}", file=sys.stderr)
+            paths.run_root().mkdir(parents=True, exist_ok=True, mode=0o700)
+            marker.touch()
+    return accel
+
+
+def process_age() -> float:
+    """Seconds since this process started, interpreter start-up included."""
+    with open("/proc/self/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - started

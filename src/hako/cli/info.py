@@ -1,0 +1,118 @@
+"""``hako check``, ``hako assets`` and ``hako image``: the host, the guest assets, the image store."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import hako
+from hako import assets
+from hako.cli.common import require_root
+from hako.errors import HakoError
+from hako.hypervisor import choose, find_qemu, probe_kvm
+from hako.image.busybox import build_busybox_image
+from hako.image.store import ImageStore
+
+
+def add_parsers(commands: Any) -> None:
+    p = commands.add_parser("check", help="what this host offers hako")
+    p.set_defaults(func=check)
+
+    p = commands.add_parser("assets", help="build or inspect the guest kernel and image")
+    sub = p.add_subparsers(dest="assets_command", required=True)
+    b = sub.add_parser("build", help="build what is missing (cached)")
+    b.add_argument("--kernel", choices=("trimmed", "debian", "all"), default="all")
+    b.set_defaults(func=assets_build)
+    s = sub.add_parser("status", help="what is built")
+    s.set_defaults(func=assets_status)
+
+    p = commands.add_parser("image", help="manage images")
+    sub = p.add_subparsers(dest="image_command", required=True)
+    i = sub.add_parser("import", help="import an OCI image layout (dir or tar) or a docker-save tar")
+    i.add_argument("path")
+    i.add_argument("--name", help="name it")
+    i.set_defaults(func=image_import)
+    ls = sub.add_parser("ls", help="list images")
+    ls.set_defaults(func=image_ls)
+    r = sub.add_parser("rm", help="remove an image")
+    r.add_argument("image")
+    r.set_defaults(func=image_rm)
+    bb = sub.add_parser("busybox", help="build a busybox image layout from Debian's busybox-static")
+    bb.add_argument("out", help="output directory (or .tar file with --tar)")
+    bb.add_argument("--tar", action="store_true", help="write a tar instead of a directory")
+    bb.set_defaults(func=image_busybox)
+
+    p = commands.add_parser("images", help="list images")
+    p.set_defaults(func=image_ls)
+
+
+def check(args: argparse.Namespace) -> int:
+    ok = True
+    print(f"hako {hako.__version__} on {platform.platform()}, Python {platform.python_version()}")
+    try:
+        qemu = find_qemu()
+        version = subprocess.run([qemu, "--version"], capture_output=True, text=True, check=False).stdout
+        print(f"QEMU: {qemu}: {version.splitlines()[0] if version else 'unknown version'}")
+    except HakoError as exc:
+        ok = False
+        print(f"QEMU: {exc}")
+    kvm = probe_kvm()
+    print(f"KVM: {'usable' if kvm.usable else 'not usable'}: {kvm.reason}")
+    print(f"accelerator (auto): {choose('auto', kvm).reason}")
+    for device, use in (
+        ("/dev/vhost-net", "virtio-net in the host kernel"),
+        ("/dev/vhost-vsock", "vsock channel"),
+    ):
+        print(f"{device}: {'present' if os.path.exists(device) else 'absent'} ({use})")
+    print(f"running as root: {'yes' if os.geteuid() == 0 else 'no (hako run needs root)'}")
+    for status in assets.status():
+        print(f"asset: {status}")
+        ok = ok and status.built
+    if not ok:
+        print("to set up: apt-get install qemu-system-x86, then `hako assets build`", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def assets_build(args: argparse.Namespace) -> int:
+    kinds = ("trimmed", "debian") if args.kernel == "all" else (args.kernel,)
+    assets.build_all(kinds)
+    return 0
+
+
+def assets_status(args: argparse.Namespace) -> int:
+    for status in assets.status():
+        print(status)
+    return 0
+
+
+def image_import(args: argparse.Namespace) -> int:
+    require_root("image import")
+    image = ImageStore().import_path(Path(args.path), name=args.name)
+    print(f"{image.id} {' '.join(image.names)}")
+    return 0
+
+
+def image_ls(args: argparse.Namespace) -> int:
+    require_root("images")
+    print(f"{'IMAGE ID':<14}{'NAMES'}")
+    for image in ImageStore().list():
+        print(f"{image.short_id:<14}{', '.join(image.names) or '<none>'}")
+    return 0
+
+
+def image_rm(args: argparse.Namespace) -> int:
+    require_root("image rm")
+    image = ImageStore().remove(args.image)
+    print(image.id)
+    return 0
+
+
+def image_busybox(args: argparse.Namespace) -> int:
+    path = build_busybox_image(Path(args.out), tar=args.tar)
+    print(path)
+    return 0

@@ -1,0 +1,218 @@
+"""``hako ps``, ``exec``, ``kill``, ``rm`` and ``logs``: containers that already exist."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hako.cli.attach import Attachment, raw_terminal
+from hako.cli.common import require_root
+from hako.cli.options import parse_signal
+from hako.errors import ContainerError, HakoError, UsageError
+from hako.oci.spec import merge_env
+from hako.oci.users import resolve_user
+from hako.runtime.client import connect
+from hako.runtime.output import STDERR, read_log
+from hako.runtime.sandboxd import remove_dead
+from hako.runtime.state import SandboxState, Status, age, all_states, find
+
+
+def add_parsers(commands: Any) -> None:
+    p = commands.add_parser("ps", help="list containers")
+    p.add_argument("-a", "--all", action="store_true", help="show all containers (default: running)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only ids")
+    p.set_defaults(func=ps)
+
+    p = commands.add_parser("exec", help="run a command in a running container")
+    p.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
+    p.add_argument("-t", "--tty", action="store_true", help="allocate a terminal")
+    p.add_argument(
+        "-e", "--env", action="append", default=[], metavar="K=V", help="set an environment variable"
+    )
+    p.add_argument("-w", "--workdir", metavar="DIR", help="working directory")
+    p.add_argument("-u", "--user", metavar="UID[:GID]", help="user (name or id)")
+    p.add_argument("container")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    p.set_defaults(func=exec_)
+
+    p = commands.add_parser("kill", help="send a signal to a container's main process")
+    p.add_argument("container")
+    p.add_argument("signal", nargs="?", default="KILL")
+    p.set_defaults(func=kill)
+
+    p = commands.add_parser("rm", help="remove containers")
+    p.add_argument("-f", "--force", action="store_true", help="stop running containers first")
+    p.add_argument("containers", nargs="+")
+    p.set_defaults(func=rm)
+
+    p = commands.add_parser("logs", help="print a container's output")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing while it runs")
+    p.add_argument("container")
+    p.set_defaults(func=logs)
+
+
+def _status_text(state: SandboxState, status: Status) -> str:
+    if status == Status.RUNNING:
+        return f"Up {age(time.time() - state.created)}"
+    if status == Status.CREATING:
+        return "Created"
+    if status == Status.EXITED:
+        ago = age(time.time() - (state.finished or state.created))
+        return f"Exited ({state.exit_status}) {ago} ago"
+    return "Dead"
+
+
+def ps(args: argparse.Namespace) -> int:
+    require_root("ps")
+    rows = []
+    for state in all_states():
+        status = state.effective_status()
+        if not args.all and status not in (Status.RUNNING, Status.CREATING):
+            continue
+        if args.quiet:
+            print(state.short_id)
+            continue
+        command = " ".join(state.command)
+        command = command if len(command) <= 20 else command[:19] + "…"
+        rows.append(
+            (
+                state.short_id,
+                state.image,
+                f'"{command}"',
+                f"{age(time.time() - state.created)} ago",
+                _status_text(state, status),
+                f"{state.kernel}/{state.accel}",
+                state.name,
+            )
+        )
+    if not args.quiet:
+        header = ("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "VM", "NAMES")
+        widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+        for row in [header, *rows]:
+            print(
+                "   ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            )
+    return 0
+
+
+def _running(ref: str) -> SandboxState:
+    state = find(ref)
+    status = state.effective_status()
+    if status != Status.RUNNING:
+        raise ContainerError(f"container {state.name} is not running ({_status_text(state, status).lower()})")
+    return state
+
+
+def exec_(args: argparse.Namespace) -> int:
+    require_root("exec")
+    if not args.command:
+        raise UsageError("hako exec needs a command: hako exec CONTAINER COMMAND [ARG...]")
+    state = _running(args.container)
+    spec: dict[str, Any] = json.loads((state.dir / "config.json").read_text())
+    base = spec["process"]
+    process: dict[str, Any] = {
+        "terminal": bool(args.tty),
+        "args": list(args.command),
+        "env": merge_env(base.get("env", []), args.env),
+        "cwd": args.workdir or base.get("cwd", "/"),
+        "user": base.get("user", {"uid": 0, "gid": 0}),
+        "capabilities": base.get("capabilities", {}),
+        "rlimits": base.get("rlimits", []),
+        "noNewPrivileges": base.get("noNewPrivileges", False),
+    }
+    if args.user:
+        user = resolve_user(Path(spec["root"]["path"]), args.user)
+        process["user"] = {"uid": user.uid, "gid": user.gid, "additionalGids": list(user.additional_gids)}
+    exec_id = secrets.token_hex(8)
+    agent = connect(state)
+    attachment = Attachment(agent, state.id, exec_id, stdin=args.interactive, terminal=args.tty)
+    try:
+        agent.exec_process(state.id, exec_id, process, stdin=args.interactive)
+        attachment.start_output()
+        attachment.resize()
+        with raw_terminal(args.tty and args.interactive), attachment.proxy_signals():
+            attachment.start_input()
+            status = agent.wait_process(state.id, exec_id)
+            attachment.finish_output()
+        return status
+    finally:
+        agent.close()
+
+
+def kill(args: argparse.Namespace) -> int:
+    require_root("kill")
+    signum = parse_signal(args.signal)
+    state = _running(args.container)
+    agent = connect(state)
+    try:
+        agent.signal_process(state.id, "", signum)
+    finally:
+        agent.close()
+    print(args.container)
+    return 0
+
+
+def rm(args: argparse.Namespace) -> int:
+    require_root("rm")
+    failed = 0
+    for ref in args.containers:
+        try:
+            _remove(find(ref), force=args.force)
+            print(ref)
+        except HakoError as exc:
+            print(f"hako: {exc}", file=sys.stderr)
+            failed = exc.exit_code
+    return failed
+
+
+def _remove(state: SandboxState, *, force: bool) -> None:
+    if state.daemon_alive():
+        if state.effective_status() in (Status.RUNNING, Status.CREATING) and not force:
+            raise ContainerError(
+                f"cannot remove running container {state.name}: stop it (hako kill) or use hako rm -f"
+            )
+        with contextlib.suppress(HakoError):
+            agent = connect(state)
+            try:
+                agent.destroy_sandbox(timeout=15)
+            finally:
+                agent.close()
+        _wait_gone(state, timeout=20)
+    remove_dead(state)
+
+
+def _wait_gone(state: SandboxState, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while state.daemon_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if state.daemon_alive() and state.daemon_pid:
+        # Its QEMU goes with it (the kernel kills a VM whose runtime process dies).
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(state.daemon_pid, signal.SIGKILL)
+        while state.daemon_alive():
+            time.sleep(0.05)
+
+
+def logs(args: argparse.Namespace) -> int:
+    require_root("logs")
+    state = find(args.container)
+    path = state.dir / "containers" / state.id / "output.log"
+    done = 0
+    while True:
+        records = list(read_log(path))
+        for stream, data in records[done:]:
+            target = sys.stderr.buffer if stream == STDERR else sys.stdout.buffer
+            target.write(data)
+            target.flush()
+        done = len(records)
+        if not args.follow or not state.daemon_alive():
+            return 0
+        time.sleep(0.2)

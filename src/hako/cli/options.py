@@ -1,0 +1,60 @@
+"""Parsing of option values the way Docker spells them."""
+
+from __future__ import annotations
+
+import re
+import signal
+
+from hako.errors import UsageError
+from hako.oci.spec import Volume
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([bkmgt]?)(?:i?b)?", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str, what: str = "--memory") -> int:
+    """``512m``, ``1g``, ``1.5G``, ``1048576`` -> bytes (binary units, as Docker)."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise UsageError(f"invalid size {text!r} for {what}: use a number with an optional unit b, k, m or g")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def parse_cpus(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"invalid --cpus {text!r}: give a number of CPUs such as 1 or 0.5") from None
+    if value <= 0:
+        raise UsageError(f"invalid --cpus {text!r}: it must be more than 0")
+    return value
+
+
+def parse_volume(text: str) -> Volume:
+    """``HOST:CTR`` or ``HOST:CTR:ro|rw``; HOST must be an absolute path that exists."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+        raise UsageError(f"invalid volume {text!r}: use HOST:CONTAINER[:ro]")
+    host, container = parts[0], parts[1]
+    mode = parts[2] if len(parts) == 3 else "rw"
+    if mode not in ("ro", "rw"):
+        raise UsageError(f"invalid volume mode {mode!r} in {text!r}: use ro or rw")
+    if not host.startswith("/"):
+        raise UsageError(f"invalid volume {text!r}: the host path must be absolute")
+    if not container.startswith("/"):
+        raise UsageError(f"invalid volume {text!r}: the container path must be absolute")
+    return Volume(source=host, destination=container, read_only=mode == "ro")
+
+
+def parse_signal(text: str) -> int:
+    """``KILL``, ``SIGKILL``, ``kill`` or ``9``."""
+    if text.isdigit():
+        number = int(text)
+        if 0 < number < signal.NSIG:
+            return number
+    else:
+        name = text.upper()
+        name = name if name.startswith("SIG") else f"SIG{name}"
+        if hasattr(signal.Signals, name):
+            return int(signal.Signals[name])
+    raise UsageError(f"invalid signal {text!r}: use a name such as TERM or KILL, or a number")

@@ -1,0 +1,91 @@
+"""The contract every VMM backend of hako fulfils (QEMU today).
+
+Grouped by concern as Kata's hypervisor interface is: the VM manager
+(start/stop/kill/pause/resume), its state (pid, exit), and utilities (the agent
+channel, a liveness check). A backend must make ``stop`` idempotent and leave
+nothing behind however the VM ended.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from hako.hypervisor.accel import Accelerator
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    name: str  # sandbox id
+    kernel: Path
+    kernel_cmdline: tuple[str, ...]  # complete: the kernel's and the guest image's arguments
+    initrd: Path | None  # the guest image as an initramfs ...
+    root_disk: Path | None  # ... or as a read-only disk image booted as root
+    memory_mib: int
+    vcpus: int
+    accel: Accelerator
+    run_dir: Path  # console.log, agent.log and qemu.log are written here
+    shared_dir: Path | None = None  # exported to the guest over virtio-9p, mount tag "hako"
+    machine_options: tuple[str, ...] = ()  # "key=value" for -machine microvm, as the kernel needs
+    debug: bool = False
+
+
+class Hypervisor(ABC):
+    #: Set once the VM process has exited; ``exit_status`` is then known.
+    exited: threading.Event
+    #: time.monotonic() just before the VMM was started (boot timing starts here).
+    launched_at: float | None = None
+
+    # -- VM manager ----------------------------------------------------------------------------
+    @abstractmethod
+    def start(self) -> None:
+        """Launch the VM; returns as soon as it runs (the guest boots in the background)."""
+
+    @abstractmethod
+    def wait_started(self, timeout: float) -> None:
+        """Block until the VMM has initialised (monitor up); HypervisorError if it failed."""
+
+    @abstractmethod
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the VM: gracefully, then by force. Idempotent; always releases everything."""
+
+    @abstractmethod
+    def kill(self) -> None:
+        """Stop the VM now."""
+
+    @abstractmethod
+    def pause(self) -> None: ...
+
+    @abstractmethod
+    def resume(self) -> None: ...
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def pid(self) -> int | None: ...
+
+    @property
+    @abstractmethod
+    def exit_status(self) -> int | None:
+        """The VMM's exit status (negative: killed by that signal), None while it runs."""
+
+    @abstractmethod
+    def exit_reason(self) -> str:
+        """One line on why the VM ended, for error messages."""
+
+    @abstractmethod
+    def on_exit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (from another thread) when the VM process ends."""
+
+    # -- utilities -----------------------------------------------------------------------------
+    @abstractmethod
+    def agent_channel(self) -> socket.socket:
+        """The host end of the agent's channel, connected from the moment the VM starts."""
+
+    @abstractmethod
+    def check(self, timeout: float) -> None:
+        """Raise HypervisorError if the VMM does not answer within ``timeout``."""

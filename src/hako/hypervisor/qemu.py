@@ -1,0 +1,264 @@
+"""QEMU backend: a micro-VM on QEMU's ``microvm`` machine.
+
+The machine options and kernel arguments come with the guest kernel (the
+trimmed one has no ACPI, so QEMU must list the virtio-mmio devices on its
+command line: ``acpi=off``; Debian's finds them through ACPI). Devices: virtio-serial
+with two ports (``hako.agent`` for ttRPC, ``hako.log`` for the agent's log),
+virtio-9p for the shared directory, virtio-rng, and the erofs root disk when
+the guest image is not an initramfs. The monitor and the agent channel are
+socketpairs handed to QEMU as file descriptors, so both are connected the
+moment QEMU starts: no socket files, no polling. QEMU runs under its own
+seccomp filter (``-sandbox``) and is killed by the kernel if the process that
+started it dies (``setpriv --pdeathsig``, so no Python runs between fork and
+exec).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+from hako.errors import HypervisorError, QemuNotFound
+from hako.hypervisor import qemu_args as qa
+from hako.hypervisor.base import Hypervisor, VMConfig
+
+if TYPE_CHECKING:
+    from hako.hypervisor.qmp import QmpBridge
+
+QEMU_BINARY = "qemu-system-x86_64"
+AGENT_PORT = "hako.agent"
+LOG_PORT = "hako.log"
+SHARE_TAG = "hako"
+
+
+def find_qemu() -> str:
+    """The QEMU binary: $HAKO_QEMU if set, else qemu-system-x86_64 on PATH."""
+    override = os.environ.get("HAKO_QEMU")
+    path = shutil.which(override) if override else shutil.which(QEMU_BINARY)
+    if not path:
+        raise QemuNotFound(
+            f"{override or QEMU_BINARY} not found: install QEMU with `apt-get install qemu-system-x86`"
+        )
+    return path
+
+
+def _die_with_parent() -> list[str]:
+    """A prefix that makes the kernel SIGKILL the VM when its runtime process dies."""
+    setpriv = shutil.which("setpriv")
+    if not setpriv:
+        raise HypervisorError("setpriv not found: install util-linux")
+    return [setpriv, "--pdeathsig", "KILL", "--"]
+
+
+def build_argv(binary: str, config: VMConfig, qmp_fd: int, agent_fd: int) -> list[str]:
+    run = config.run_dir
+    tcg = config.accel.name == "tcg"
+    cmdline = list(config.kernel_cmdline)
+    if config.debug:
+        cmdline.append("hako.debug=1")
+    machine: dict[str, qa.OptionValue | None] = {"x-option-roms": False, "isa-serial": True, "rtc": False}
+    for option in config.machine_options:
+        key, _, value = option.partition("=")
+        machine[key] = value
+    parts: list[qa.Arg] = [
+        qa.Name(f"hako-{config.name[:12]}"),
+        qa.Machine("microvm", machine),
+        qa.Accel(config.accel.name),
+        qa.Cpu("max" if tcg else "host"),
+        qa.Memory(config.memory_mib),
+        qa.Smp(config.vcpus),
+        qa.Flags(("-nodefaults", "-no-user-config", "-nographic", "-no-reboot")),
+        qa.Kernel(config.kernel, " ".join(cmdline), config.initrd),
+        qa.Chardev("file", "console", {"path": run / "console.log"}),
+        qa.Serial("chardev:console"),
+        qa.Chardev("socket", "qmp", {"fd": qmp_fd}),
+        qa.Monitor("qmp"),
+        qa.Device("virtio-serial-device", {"max_ports": 4}),
+        qa.Chardev("socket", "agent", {"fd": agent_fd}),
+        qa.Device("virtserialport", {"chardev": "agent", "name": AGENT_PORT}),
+        qa.Chardev("file", "agentlog", {"path": run / "agent.log"}),
+        qa.Device("virtserialport", {"chardev": "agentlog", "name": LOG_PORT}),
+        qa.Object("rng-random", "rng0", {"filename": "/dev/urandom"}),
+        qa.Device("virtio-rng-device", {"rng": "rng0"}),
+    ]
+    if config.root_disk is not None:
+        parts += [qa.Drive("root", config.root_disk), qa.Device("virtio-blk-device", {"drive": "root"})]
+    if config.shared_dir is not None:
+        parts += [
+            qa.Fsdev("shared", config.shared_dir),
+            qa.Device("virtio-9p-device", {"fsdev": "shared", "mount_tag": SHARE_TAG}),
+        ]
+    parts.append(qa.Sandbox())
+    return qa.render(binary, parts)
+
+
+class QemuVM(Hypervisor):
+    def __init__(self, config: VMConfig, on_event: Callable[[str, Mapping[str, object]], None] | None = None):
+        self.config = config
+        self.exited = threading.Event()
+        self.launched_at: float | None = None  # time.monotonic() just before exec
+        self._on_event = on_event
+        self._process: subprocess.Popen[bytes] | None = None
+        self._agent: socket.socket | None = None
+        self._qmp_sock: socket.socket | None = None
+        self._qmp: QmpBridge | None = None
+        self._qmp_ready = threading.Event()
+        self._qmp_error: Exception | None = None
+        self._callbacks: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    # -- VM manager ----------------------------------------------------------------------------
+    def start(self) -> None:
+        binary = find_qemu()
+        run = self.config.run_dir
+        run.mkdir(parents=True, exist_ok=True)
+        qmp_host, qmp_vm = socket.socketpair()
+        agent_host, agent_vm = socket.socketpair()
+        argv = build_argv(binary, self.config, qmp_vm.fileno(), agent_vm.fileno())
+        (run / "qemu.cmdline").write_text(" ".join(argv) + "\n")
+        log = open(run / "qemu.log", "wb")  # noqa: SIM115 - handed to the child, closed below
+        try:
+            self.launched_at = time.monotonic()
+            self._process = subprocess.Popen(
+                _die_with_parent() + argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                pass_fds=(qmp_vm.fileno(), agent_vm.fileno()),
+            )
+        except OSError as exc:
+            for sock in (qmp_host, qmp_vm, agent_host, agent_vm):
+                sock.close()
+            raise HypervisorError(f"cannot start {binary}: {exc.strerror}") from exc
+        finally:
+            log.close()
+        qmp_vm.close()
+        agent_vm.close()
+        self._agent = agent_host
+        self._qmp_sock = qmp_host
+        threading.Thread(target=self._watch, daemon=True, name="qemu-watch").start()
+        threading.Thread(target=self._connect_qmp, daemon=True, name="qmp-connect").start()
+
+    def _watch(self) -> None:
+        assert self._process is not None
+        self._process.wait()
+        self.exited.set()
+        self._qmp_ready.set()  # nobody waits for a monitor that will never come
+        with self._lock:
+            callbacks = list(self._callbacks)
+        for callback in callbacks:
+            callback()
+
+    def _connect_qmp(self) -> None:
+        # Imported here, in the background, after QEMU was launched: asyncio and qemu.qmp
+        # are not on the path to a booting guest.
+        from hako.hypervisor.qmp import QmpBridge
+
+        assert self._qmp_sock is not None
+        bridge = QmpBridge(self.config.name[:12], self._on_event)
+        try:
+            bridge.connect(self._qmp_sock, timeout=30)
+            self._qmp = bridge
+        except Exception as exc:
+            self._qmp_error = exc
+            bridge.close()
+        finally:
+            self._qmp_ready.set()
+
+    def wait_started(self, timeout: float) -> None:
+        if not self._qmp_ready.wait(timeout):
+            raise HypervisorError(f"QEMU did not start within {timeout:g} s")
+        if self.exited.is_set() or self._qmp is None:
+            raise HypervisorError(f"QEMU failed to start: {self.exit_reason()}")
+
+    def _bridge(self, timeout: float = 10.0) -> QmpBridge:
+        if not self._qmp_ready.wait(timeout) or self._qmp is None:
+            raise HypervisorError(f"QEMU monitor unavailable: {self.exit_reason()}")
+        return self._qmp
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            already, self._stopped = self._stopped, True
+        if not already and self._process is not None and not self.exited.is_set():
+            with contextlib.suppress(HypervisorError):
+                self._bridge(min(timeout, 2.0)).execute("quit", timeout=timeout)
+            if not self.exited.wait(timeout):
+                self._signal(signal.SIGTERM)
+                if not self.exited.wait(2):
+                    self.kill()
+        self._release()
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+        if self._process is not None:
+            self._process.wait()
+            self.exited.wait(5)
+
+    def _signal(self, signum: int) -> None:
+        if self._process is not None and self._process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.send_signal(signum)
+
+    def _release(self) -> None:
+        if self._qmp is not None:
+            self._qmp.close()
+        for sock in (self._agent, self._qmp_sock):
+            if sock is not None:
+                sock.close()
+
+    def pause(self) -> None:
+        self._bridge().execute("stop")
+
+    def resume(self) -> None:
+        self._bridge().execute("cont")
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def exit_status(self) -> int | None:
+        return self._process.returncode if self._process is not None else None
+
+    def exit_reason(self) -> str:
+        status = self.exit_status
+        if status is None:
+            return "QEMU is running"
+        if status < 0:
+            reason = f"QEMU was killed by {signal.Signals(-status).name}"
+        else:
+            reason = f"QEMU exited with status {status}"
+        detail = self._log_tail()
+        return f"{reason}: {detail}" if detail else reason
+
+    def _log_tail(self) -> str:
+        try:
+            lines = (self.config.run_dir / "qemu.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return lines[-1].strip() if lines else ""
+
+    def on_exit(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            self._callbacks.append(callback)
+        if self.exited.is_set():
+            callback()
+
+    # -- utilities -----------------------------------------------------------------------------
+    def agent_channel(self) -> socket.socket:
+        if self._agent is None:
+            raise HypervisorError("the VM has not been started")
+        return self._agent
+
+    def check(self, timeout: float) -> None:
+        self._bridge(timeout).execute("query-status", timeout=timeout)

@@ -1,0 +1,295 @@
+"""Build the small busybox image the demo and the tests run, from Debian's busybox-static.
+
+One layer: /bin/busybox (the binary shipped by the Debian package, checked against dpkg's md5sums,
+or downloaded with ``apt-get download`` when the package is not installed), a symlink per applet
+under /bin, /etc/passwd and /etc/group (root, nobody, tty), /tmp (1777), /root, /home and empty
+/proc, /sys and /dev. Entries are sorted, owned by root and dated to a fixed time, the gzip header
+carries no name or time, and JSON is canonical, so a rebuild gives the same digests.
+
+    python -m hako.image.busybox OUTDIR [--tar] [--name NAME]
+
+writes an OCI image layout to OUTDIR (and, with --tar, OUTDIR.tar, a tar of that layout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from hako.errors import HakoError, ImageError
+from hako.image import mediatypes as mt
+
+DEFAULT_NAME = "hako.local/busybox:latest"
+PACKAGE = "busybox-static"
+CREATED = "2024-01-01T00:00:00Z"
+MTIME = 1_704_067_200  # CREATED as a timestamp: every entry carries it
+ENV_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+PASSWD = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+GROUP = "root:x:0:\ntty:x:5:\nnobody:x:65534:\n"
+DIRECTORIES = {
+    "bin": 0o755,
+    "dev": 0o755,
+    "etc": 0o755,
+    "home": 0o755,
+    "proc": 0o555,
+    "root": 0o700,
+    "sys": 0o555,
+    "tmp": 0o1777,
+}
+
+
+def build_busybox_image(out: Path, *, tar: bool = False, name: str = DEFAULT_NAME) -> Path:
+    """Write the image layout to ``out`` (replacing a layout already there); return ``out``,
+    or with ``tar`` the tar of it written beside it as ``<out>.tar``."""
+    out = Path(out)
+    with _debian_busybox() as (binary, version):
+        applets = _applets(binary)
+        layer = _layer_tar(binary, applets)
+    _write_layout(out, layer, version, name)
+    if not tar:
+        return out
+    tar_path = out.with_name(out.name + ".tar")
+    _write_layout_tar(out, tar_path)
+    return tar_path
+
+
+# -- the busybox binary -----------------------------------------------------------------------
+
+
+def _run(args: list[str], cwd: Path | None = None) -> str:
+    try:
+        done = subprocess.run(args, cwd=cwd, check=True, capture_output=True, text=True)
+    except FileNotFoundError as err:
+        raise ImageError(f"cannot run {args[0]}: not installed") from err
+    except subprocess.CalledProcessError as err:
+        raise ImageError(f"{' '.join(args)} failed: {err.stderr.strip() or err.returncode}") from err
+    return done.stdout
+
+
+@contextlib.contextmanager
+def _debian_busybox() -> Iterator[tuple[Path, str]]:
+    """Yield Debian's busybox binary and the package version it came from."""
+    installed = _installed_busybox()
+    if installed is not None:
+        yield installed
+        return
+    with tempfile.TemporaryDirectory(prefix="hako-busybox-") as tmp:
+        yield _downloaded_busybox(Path(tmp))
+
+
+def _installed_busybox() -> tuple[Path, str] | None:
+    try:
+        status, _, version = _run(
+            ["dpkg-query", "-W", "-f=${db:Status-Status}\t${Version}", PACKAGE]
+        ).partition("\t")
+    except ImageError:
+        return None
+    if status != "installed":
+        return None
+    listed = _run(["dpkg", "-L", PACKAGE]).splitlines()
+    binary = next((Path(line) for line in listed if line.endswith("/bin/busybox")), None)
+    if binary is None or not binary.is_file():
+        return None
+    md5sums = Path(_run(["dpkg-query", "--control-path", PACKAGE, "md5sums"]).strip())
+    relative = str(binary).lstrip("/")
+    expected = next(
+        (line.split()[0] for line in md5sums.read_text().splitlines() if line.split()[1:] == [relative]), None
+    )
+    actual = hashlib.md5(binary.read_bytes(), usedforsecurity=False).hexdigest()
+    if expected is not None and actual != expected:
+        raise ImageError(f"{binary} differs from Debian's {PACKAGE} package; reinstall {PACKAGE}")
+    return binary, version
+
+
+def _downloaded_busybox(tmp: Path) -> tuple[Path, str]:
+    try:
+        _run(["apt-get", "download", PACKAGE], cwd=tmp)
+    except ImageError as err:
+        raise ImageError(
+            f"{PACKAGE} is not installed and could not be downloaded ({err}); install {PACKAGE}"
+        ) from err
+    deb = next(tmp.glob(f"{PACKAGE}_*.deb"))
+    version = _run(["dpkg-deb", "-f", str(deb), "Version"]).strip()
+    _run(["dpkg-deb", "-x", str(deb), str(tmp / "root")])
+    binary = tmp / "root" / "bin" / "busybox"
+    if not binary.is_file():
+        raise ImageError(f"{deb.name} has no bin/busybox")
+    return binary, version
+
+
+def _applets(binary: Path) -> list[str]:
+    names = {line.strip() for line in _run([str(binary), "--list"]).splitlines()}
+    return sorted(n for n in names if n and "/" not in n and n not in (".", "..", "busybox"))
+
+
+# -- the layer --------------------------------------------------------------------------------
+
+
+def _info(name: str, kind: bytes, mode: int, size: int = 0, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode = mode
+    info.size = size
+    info.linkname = linkname
+    info.mtime = MTIME
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    return info
+
+
+def _layer_tar(binary: Path, applets: list[str]) -> bytes:
+    """The uncompressed layer: every entry sorted by name."""
+    files: dict[str, tuple[bytes, int]] = {
+        "bin/busybox": (binary.read_bytes(), 0o755),
+        "etc/passwd": (PASSWD.encode(), 0o644),
+        "etc/group": (GROUP.encode(), 0o644),
+    }
+    entries: dict[str, tuple[tarfile.TarInfo, bytes | None]] = {}
+    for name, mode in DIRECTORIES.items():
+        entries[name] = (_info(name, tarfile.DIRTYPE, mode), None)
+    for name, (data, mode) in files.items():
+        entries[name] = (_info(name, tarfile.REGTYPE, mode, len(data)), data)
+    for applet in applets:
+        name = f"bin/{applet}"
+        entries.setdefault(name, (_info(name, tarfile.SYMTYPE, 0o777, linkname="busybox"), None))
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in sorted(entries):
+            info, content = entries[name]
+            tar.addfile(info, io.BytesIO(content) if content is not None else None)
+    return buffer.getvalue()
+
+
+def _gzip(data: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, mtime=0, compresslevel=9) as out:
+        out.write(data)
+    return buffer.getvalue()
+
+
+# -- the layout -------------------------------------------------------------------------------
+
+
+def _canonical(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _descriptor(media_type: str, data: bytes) -> dict[str, Any]:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    return {"mediaType": media_type, "digest": digest, "size": len(data)}
+
+
+def _write_layout(out: Path, layer_tar: bytes, version: str, name: str) -> None:
+    layer = _gzip(layer_tar)
+    config = _canonical(
+        {
+            "created": CREATED,
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {
+                "Env": [ENV_PATH],
+                "Cmd": ["sh"],
+                "Labels": {
+                    "org.opencontainers.image.title": "busybox",
+                    "org.opencontainers.image.version": version,
+                    "org.opencontainers.image.source": f"Debian package {PACKAGE} {version}",
+                },
+            },
+            "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer_tar).hexdigest()]},
+            "history": [{"created": CREATED, "created_by": f"hako.image.busybox from {PACKAGE} {version}"}],
+        }
+    )
+    manifest = _canonical(
+        {
+            "schemaVersion": 2,
+            "mediaType": mt.OCI_MANIFEST,
+            "config": _descriptor(mt.OCI_CONFIG, config),
+            "layers": [_descriptor(mt.OCI_LAYER_GZIP, layer)],
+        }
+    )
+    index = _canonical(
+        {
+            "schemaVersion": 2,
+            "mediaType": mt.OCI_INDEX,
+            "manifests": [
+                {
+                    **_descriptor(mt.OCI_MANIFEST, manifest),
+                    "platform": {"architecture": "amd64", "os": "linux"},
+                    "annotations": {mt.REF_NAME: name},
+                }
+            ],
+        }
+    )
+    if out.exists() and not (out / "oci-layout").is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise ImageError(f"{out} exists and is not an image layout; refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        blobs = staging / "blobs" / "sha256"
+        blobs.mkdir(parents=True)
+        for blob in (layer, config, manifest):
+            (blobs / hashlib.sha256(blob).hexdigest()).write_bytes(blob)
+        (staging / "oci-layout").write_bytes(_canonical({"imageLayoutVersion": "1.0.0"}))
+        (staging / "index.json").write_bytes(index)
+        staging.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _write_layout_tar(layout: Path, tar_path: Path) -> None:
+    """A tar of the layout (what skopeo's oci-archive is), deterministic like the layer."""
+    tmp = tar_path.with_name(f".{tar_path.name}.tmp")
+    try:
+        with tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for path in sorted(layout.rglob("*")):
+                name = path.relative_to(layout).as_posix()
+                if path.is_dir():
+                    tar.addfile(_info(name, tarfile.DIRTYPE, 0o755))
+                else:
+                    data = path.read_bytes()
+                    tar.addfile(_info(name, tarfile.REGTYPE, 0o644, len(data)), io.BytesIO(data))
+        os.replace(tmp, tar_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m hako.image.busybox",
+        description="Build the busybox OCI image from Debian's busybox-static.",
+    )
+    parser.add_argument("outdir", type=Path, help="where to write the OCI image layout")
+    parser.add_argument("--tar", action="store_true", help="also write OUTDIR.tar, a tar of the layout")
+    parser.add_argument("--name", default=DEFAULT_NAME, help=f"image name to record (default {DEFAULT_NAME})")
+    args = parser.parse_args(argv)
+    try:
+        path = build_busybox_image(args.outdir, tar=args.tar, name=args.name)
+    except HakoError as err:
+        print(f"hako: {err}", file=sys.stderr)
+        return err.exit_code
+    index = json.loads((args.outdir / "index.json").read_text())
+    print(f"{path} {index['manifests'][0]['digest']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

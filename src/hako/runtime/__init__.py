@@ -1,0 +1,1 @@
+"""Host runtime: sandboxes, their daemon, their state."""

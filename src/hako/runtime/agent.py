@@ -1,0 +1,151 @@
+"""The host's client of the guest agent.
+
+Typed methods over the agent's ttRPC API. This is the edge where ttRPC errors
+become :mod:`hako.errors`: a failed exec becomes ExecNotFound/ExecNotExecutable
+(exit 127/126 as Docker), an unknown container ContainerNotFound, a lost
+connection AgentError with code UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from hako.errors import AgentError, ContainerNotFound, ExecNotExecutable, ExecNotFound, HakoError
+from hako_api import agent_pb2 as pb
+from hako_ttrpc import Client, ConnectionClosed, SocketTransport, Stub, TtrpcError, codes
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Agent"]
+SERVICE_NAME = SERVICE.full_name
+
+
+def translate(exc: TtrpcError, what: str) -> HakoError:
+    """The hako error for a failed agent call."""
+    if isinstance(exc, ConnectionClosed):
+        return AgentError(f"{what}: lost the connection to the guest agent", codes.UNAVAILABLE)
+    for detail in exc.details:
+        failure = pb.ExecFailure()
+        if detail.Is(failure.DESCRIPTOR) and detail.Unpack(failure):
+            message = failure.message or f'exec: "{failure.path}": {errno.errorcode.get(failure.errno, "?")}'
+            if failure.errno == errno.ENOENT:
+                return ExecNotFound(message)
+            return ExecNotExecutable(message)
+    if exc.code == codes.NOT_FOUND:
+        return ContainerNotFound(exc.message)
+    return AgentError(f"{what}: {exc.message}", exc.code)
+
+
+class AgentClient:
+    def __init__(self, sock: socket.socket, *, on_close: Callable[[], None] | None = None) -> None:
+        self.client = Client(SocketTransport(sock), on_close=on_close)
+        self._stub = Stub(self.client, SERVICE)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return getattr(self._stub, method)(request, timeout=timeout)
+        except TtrpcError as exc:
+            raise translate(exc, method) from exc
+
+    def call_raw(self, method: str, payload: bytes, timeout: float | None = None) -> bytes:
+        """Forward a serialized request (the sandbox daemon proxies its clients this way)."""
+        return self.client.call_raw(SERVICE_NAME, method, payload, timeout=timeout)
+
+    # -- sandbox -------------------------------------------------------------------------------
+    def check(self, timeout: float | None = None) -> pb.CheckResponse:
+        response: pb.CheckResponse = self._call("Check", pb.CheckRequest(), timeout)
+        return response
+
+    def create_sandbox(
+        self,
+        sandbox_id: str,
+        hostname: str,
+        storages: Sequence[pb.Storage] = (),
+        dns: Sequence[str] = (),
+        time_unix_ns: int = 0,
+    ) -> None:
+        request = pb.CreateSandboxRequest(
+            sandbox_id=sandbox_id, hostname=hostname, storages=storages, dns=dns, time_unix_ns=time_unix_ns
+        )
+        self._call("CreateSandbox", request, 30)
+
+    def destroy_sandbox(self, timeout: float = 5.0) -> None:
+        self._call("DestroySandbox", pb.DestroySandboxRequest(), timeout)
+
+    # -- containers ----------------------------------------------------------------------------
+    def create_container(
+        self, container_id: str, spec: Mapping[str, Any], stdin: bool, storages: Sequence[pb.Storage] = ()
+    ) -> None:
+        request = pb.CreateContainerRequest(
+            container_id=container_id, oci_spec=json.dumps(spec).encode(), stdin=stdin, storages=storages
+        )
+        self._call("CreateContainer", request, 60)
+
+    def start_container(self, container_id: str) -> int:
+        response: pb.StartContainerResponse = self._call(
+            "StartContainer", pb.ContainerRequest(container_id=container_id), 60
+        )
+        return response.pid
+
+    def exec_process(self, container_id: str, exec_id: str, process: Mapping[str, Any], stdin: bool) -> int:
+        request = pb.ExecProcessRequest(
+            container_id=container_id, exec_id=exec_id, process=json.dumps(process).encode(), stdin=stdin
+        )
+        response: pb.ExecProcessResponse = self._call("ExecProcess", request, 60)
+        return response.pid
+
+    def wait_process(self, container_id: str, exec_id: str = "") -> int:
+        response: pb.WaitProcessResponse = self._call(
+            "WaitProcess", pb.ProcessRequest(container_id=container_id, exec_id=exec_id)
+        )
+        return response.exit_status
+
+    def signal_process(self, container_id: str, exec_id: str, signal: int, all: bool = False) -> None:
+        request = pb.SignalProcessRequest(container_id=container_id, exec_id=exec_id, signal=signal, all=all)
+        self._call("SignalProcess", request, 10)
+
+    def remove_container(self, container_id: str, timeout_ms: int = 2000) -> None:
+        request = pb.RemoveContainerRequest(container_id=container_id, timeout_ms=timeout_ms)
+        self._call("RemoveContainer", request, timeout_ms / 1000 + 10)
+
+    def stats(self, container_id: str) -> pb.StatsContainerResponse:
+        response: pb.StatsContainerResponse = self._call(
+            "StatsContainer", pb.ContainerRequest(container_id=container_id), 10
+        )
+        return response
+
+    def list_processes(self, container_id: str) -> list[int]:
+        response: pb.ListProcessesResponse = self._call(
+            "ListProcesses", pb.ContainerRequest(container_id=container_id), 10
+        )
+        return list(response.pids)
+
+    # -- I/O -----------------------------------------------------------------------------------
+    def read_stdout(self, container_id: str, exec_id: str = "", size: int = 65536) -> bytes:
+        request = pb.ReadStreamRequest(container_id=container_id, exec_id=exec_id, len=size)
+        response: pb.ReadStreamResponse = self._call("ReadStdout", request)
+        return response.data
+
+    def read_stderr(self, container_id: str, exec_id: str = "", size: int = 65536) -> bytes:
+        request = pb.ReadStreamRequest(container_id=container_id, exec_id=exec_id, len=size)
+        response: pb.ReadStreamResponse = self._call("ReadStderr", request)
+        return response.data
+
+    def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> int:
+        request = pb.WriteStreamRequest(container_id=container_id, exec_id=exec_id, data=data)
+        response: pb.WriteStreamResponse = self._call("WriteStdin", request, 30)
+        return response.len
+
+    def close_stdin(self, container_id: str, exec_id: str = "") -> None:
+        self._call("CloseStdin", pb.ProcessRequest(container_id=container_id, exec_id=exec_id), 10)
+
+    def resize_tty(self, container_id: str, exec_id: str, rows: int, columns: int) -> None:
+        request = pb.TtyWinResizeRequest(
+            container_id=container_id, exec_id=exec_id, rows=rows, columns=columns
+        )
+        self._call("TtyWinResize", request, 10)

@@ -1,0 +1,282 @@
+"""A sandbox: one VM, its agent, and the containers in it.
+
+This is the runtime library's core, shared by the per-sandbox daemon behind
+``hako run`` and (later) the containerd shim. It lives in the process that owns
+the VM. Lifecycle, shaped like qemu.machine's: ``start`` launches the VM and
+returns at once, so the caller can prepare containers while the guest boots;
+``wait_ready`` blocks until the agent answers; ``stop`` always cleans up.
+
+Container filesystems reach the guest through one virtio-9p export per
+sandbox (Kata's "shared directory"): the runtime mounts each container's rootfs
+(an overlay of its image) and volumes under ``<run dir>/shared/<container>``,
+which the agent sees under ``/run/hako/shared``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import shutil
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hako import assets
+from hako.errors import AgentError, ContainerNotFound, HakoError, HypervisorError, SandboxError, VMDied
+from hako.hypervisor import Accelerator, Hypervisor, QemuVM, VMConfig
+from hako.runtime import mounts, timing
+from hako.runtime.agent import AgentClient
+from hako_api import agent_pb2 as pb
+from hako_ttrpc import codes
+
+GUEST_SHARED = "/run/hako/shared"
+SHARE_OPTIONS = ("trans=virtio", "version=9p2000.L", "msize=524288", "cache=mmap")
+KILLED_STATUS = 137  # what a container reports when its VM died under it (128 + SIGKILL)
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    sandbox_id: str
+    hostname: str
+    kernel: assets.Kernel
+    image: assets.GuestImage
+    memory_mib: int
+    vcpus: int
+    accel: Accelerator
+    run_dir: Path
+    debug: bool = False
+    boot_timeout: float = 60.0
+    watchdog_interval: float = 5.0  # 0 disables the hang check
+
+
+@dataclass
+class _Container:
+    id: str
+    mounts: list[Path]  # host mount points under the shared dir, innermost last
+
+
+class Sandbox:
+    def __init__(self, config: SandboxConfig, hypervisor: Hypervisor | None = None) -> None:
+        self.config = config
+        self.shared_dir = config.run_dir / "shared"
+        self.vm: Hypervisor = hypervisor or QemuVM(self._vm_config())
+        self.agent: AgentClient | None = None
+        self.timing: dict[str, float] = {}
+        self.kernel_release = ""
+        self.dead = threading.Event()
+        self.death_reason = ""
+        self._stopping = threading.Event()
+        self._containers: dict[str, _Container] = {}
+        self._lock = threading.Lock()
+
+    def _vm_config(self) -> VMConfig:
+        c = self.config
+        initramfs = c.image.format == "initramfs"
+        return VMConfig(
+            name=c.sandbox_id,
+            kernel=c.kernel.path,
+            kernel_cmdline=(*c.kernel.cmdline_for(c.accel.name), *c.image.cmdline),
+            machine_options=c.kernel.microvm_options,
+            initrd=c.image.path if initramfs else None,
+            root_disk=None if initramfs else c.image.path,
+            memory_mib=c.memory_mib,
+            vcpus=c.vcpus,
+            accel=c.accel,
+            run_dir=c.run_dir,
+            shared_dir=self.shared_dir,
+            debug=c.debug,
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Launch the VM. The guest boots in the background; see :meth:`wait_ready`."""
+        self.shared_dir.mkdir(parents=True, exist_ok=True)
+        self.vm.on_exit(self._vm_exited)
+        self.vm.start()
+
+    def wait_ready(self) -> None:
+        """Block until the agent answers, then set up the sandbox in the guest."""
+        launched = self.vm.launched_at or time.monotonic()
+        agent = AgentClient(self.vm.agent_channel(), on_close=self._agent_lost)
+        self.agent = agent
+        try:
+            # The request waits in the channel until the agent opens its port: no polling.
+            check = agent.check(timeout=self.config.boot_timeout)
+        except AgentError as exc:
+            raise self._boot_failure(exc) from exc
+        answered = time.monotonic()
+        boot = check.boot
+        self.kernel_release = check.kernel_release
+        self.timing.update(
+            timing.boot_breakdown(
+                launched, answered, check.uptime, boot.kernel_done, boot.agent_start, boot.agent_ready
+            )
+        )
+        share = pb.Storage(
+            driver="9p", source="hako", fstype="9p", options=SHARE_OPTIONS, mount_point=GUEST_SHARED
+        )
+        agent.create_sandbox(
+            self.config.sandbox_id, self.config.hostname, storages=[share], time_unix_ns=time.time_ns()
+        )
+        if self.config.watchdog_interval > 0:
+            threading.Thread(target=self._watchdog, daemon=True, name="vm-watchdog").start()
+
+    def _boot_failure(self, exc: AgentError) -> HakoError:
+        if self.vm.exited.wait(1):
+            console = self._console_tail()
+            return VMDied(f"the VM died while booting: {self.vm.exit_reason()}{console}")
+        if exc.code == codes.DEADLINE_EXCEEDED:
+            return HypervisorError(
+                f"the guest agent did not answer within {self.config.boot_timeout:g} s "
+                f"(console: {self.config.run_dir / 'console.log'})"
+            )
+        return exc
+
+    def _console_tail(self) -> str:
+        try:
+            lines = (self.config.run_dir / "console.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        interesting = [line for line in lines if "panic" in line.lower() or "error" in line.lower()]
+        line = (interesting or lines or [""])[-1].strip()
+        return f" (guest console: {line})" if line else ""
+
+    def _vm_exited(self) -> None:
+        if not self._stopping.is_set() and not self.death_reason:
+            self.death_reason = self.vm.exit_reason()
+        self.dead.set()
+
+    def _agent_lost(self) -> None:
+        # The channel only closes when QEMU goes away (or we close it); the exit watcher says why.
+        if not self._stopping.is_set():
+            threading.Thread(target=self._confirm_death, daemon=True).start()
+
+    def _confirm_death(self) -> None:
+        if not self.vm.exited.wait(5):
+            self.death_reason = "the agent channel closed while QEMU kept running: killed it"
+            self.vm.kill()
+
+    def _watchdog(self) -> None:
+        """Detect a hung VMM: a QEMU that stops answering its monitor is killed."""
+        interval = self.config.watchdog_interval
+        while not self.dead.wait(interval) and not self._stopping.is_set():
+            try:
+                self.vm.check(timeout=max(10.0, 2 * interval))
+            except HypervisorError:
+                if self._stopping.is_set() or self.vm.exited.is_set():
+                    return
+                self.death_reason = "QEMU stopped answering its monitor: killed it"
+                self.vm.kill()
+                return
+
+    def stop(self) -> None:
+        """Stop everything in the guest, stop the VM, remove host mounts. Idempotent."""
+        started = time.monotonic()
+        self._stopping.set()
+        if self.agent is not None and not self.vm.exited.is_set():
+            with contextlib.suppress(HakoError):
+                self.agent.destroy_sandbox(timeout=5)
+        self.vm.stop(timeout=5)
+        if self.agent is not None:
+            self.agent.close()
+        with self._lock:
+            containers, self._containers = list(self._containers.values()), {}
+        for container in containers:
+            self._unmount(container)
+        shutil.rmtree(self.shared_dir, ignore_errors=True)
+        self.timing["teardown"] = time.monotonic() - started
+
+    # -- containers ----------------------------------------------------------------------------
+    def _need_agent(self) -> AgentClient:
+        if self.dead.is_set():
+            raise VMDied(f"sandbox {self.config.sandbox_id[:12]} is dead: {self.death_reason}")
+        if self.agent is None:
+            raise SandboxError("the sandbox is not ready")
+        return self.agent
+
+    def add_container(self, container_id: str, spec: Mapping[str, Any], stdin: bool) -> None:
+        """Share the container's rootfs and volumes with the guest, then create it there.
+
+        ``spec`` is an OCI runtime spec with HOST paths: root.path is the image's
+        (read-only) rootfs, bind mounts name host sources.
+        """
+        started = time.monotonic()
+        agent = self._need_agent()
+        container = _Container(container_id, [])
+        with self._lock:
+            if container_id in self._containers:
+                raise SandboxError(f"container {container_id} already exists in this sandbox")
+            self._containers[container_id] = container
+        try:
+            guest_spec = self._share(container, spec)
+            agent.create_container(container_id, guest_spec, stdin)
+        except BaseException:
+            with self._lock:
+                self._containers.pop(container_id, None)
+            self._unmount(container)
+            raise
+        self.timing["container_create"] = time.monotonic() - started
+
+    def _share(self, container: _Container, spec: Mapping[str, Any]) -> dict[str, Any]:
+        host_dir = self.shared_dir / container.id
+        guest_dir = f"{GUEST_SHARED}/{container.id}"
+        work = self.config.run_dir / "containers" / container.id
+        guest_spec = copy.deepcopy(dict(spec))
+        lower = Path(spec["root"]["path"])
+        if not lower.is_dir():
+            raise SandboxError(f"container rootfs {lower} is not a directory")
+        rootfs = host_dir / "rootfs"
+        mounts.overlay(lower, work / "upper", work / "work", rootfs)
+        container.mounts.append(rootfs)
+        guest_spec["root"] = {**spec["root"], "path": f"{guest_dir}/rootfs"}
+        for index, mount in enumerate(guest_spec.get("mounts", [])):
+            options = mount.get("options", [])
+            if mount.get("type", "bind") != "bind" and "bind" not in options and "rbind" not in options:
+                continue
+            source = Path(mount["source"])
+            if not source.exists():
+                raise SandboxError(f"volume source {source} does not exist")
+            target = host_dir / "volumes" / str(index)
+            mounts.bind(source, target, readonly="ro" in options)
+            container.mounts.append(target)
+            mount["source"] = f"{guest_dir}/volumes/{index}"
+        return guest_spec
+
+    def _unmount(self, container: _Container) -> None:
+        for target in reversed(container.mounts):
+            with contextlib.suppress(SandboxError):
+                mounts.umount(target)
+        container.mounts.clear()
+        shutil.rmtree(self.shared_dir / container.id, ignore_errors=True)
+        shutil.rmtree(self.config.run_dir / "containers" / container.id / "work", ignore_errors=True)
+
+    def start_container(self, container_id: str) -> int:
+        started = time.monotonic()
+        pid = self._need_agent().start_container(container_id)
+        self.timing["container_start"] = time.monotonic() - started
+        return pid
+
+    def wait(self, container_id: str, exec_id: str = "") -> int:
+        """The process's exit status; KILLED_STATUS if the VM died under it."""
+        try:
+            return self._need_agent().wait_process(container_id, exec_id)
+        except ContainerNotFound:
+            raise
+        except HakoError:
+            if self.dead.wait(10):
+                return KILLED_STATUS
+            raise
+
+    def remove_container(self, container_id: str) -> None:
+        with self._lock:
+            container = self._containers.pop(container_id, None)
+        if container is None:
+            raise ContainerNotFound(f"no container {container_id} in sandbox {self.config.sandbox_id[:12]}")
+        try:
+            if not self.dead.is_set() and self.agent is not None:
+                self.agent.remove_container(container_id)
+        finally:
+            self._unmount(container)

@@ -1,0 +1,213 @@
+"""Sandbox state persisted as JSON under /run/hako/sandboxes/<id>/state.json.
+
+The process that owns the sandbox (its daemon) is the only writer while it
+lives; writes are atomic (write a temporary file, rename). Readers (``hako ps``,
+``hako exec``...) never need the daemon. Liveness is judged by the daemon's pid
+and start time, so a crashed daemon shows as dead rather than running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from hako.errors import SandboxNotFound, UsageError
+from hako.runtime import paths
+
+STATE_FILE = "state.json"
+
+
+class Status(str, Enum):
+    CREATING = "creating"
+    RUNNING = "running"
+    EXITED = "exited"  # the container's main process ended
+    DEAD = "dead"  # the VM died under it, or its daemon vanished
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class SandboxState:
+    id: str
+    name: str
+    image: str
+    command: list[str]
+    created: float  # unix time
+    kernel: str
+    accel: str
+    accel_reason: str
+    memory_mib: int
+    vcpus: int
+    auto_remove: bool = False
+    status: Status = Status.CREATING
+    exit_status: int | None = None
+    finished: float | None = None
+    error: str | None = None
+    daemon_pid: int | None = None
+    daemon_start_ticks: int | None = None
+    qemu_pid: int | None = None
+    guest_kernel_release: str | None = None
+    timing: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+    @property
+    def dir(self) -> Path:
+        return paths.sandbox_dir(self.id)
+
+    def save(self) -> None:
+        target = self.dir / STATE_FILE
+        tmp = target.with_name(f".{STATE_FILE}.{os.getpid()}")
+        data = asdict(self)
+        data["status"] = self.status.value
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, target)
+
+    @classmethod
+    def load(cls, directory: Path) -> SandboxState:
+        data: dict[str, Any] = json.loads((directory / STATE_FILE).read_text())
+        data["status"] = Status(data["status"])
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def daemon_alive(self) -> bool:
+        return self.daemon_pid is not None and process_start_ticks(self.daemon_pid) == self.daemon_start_ticks
+
+    def effective_status(self) -> Status:
+        """The recorded status, corrected to DEAD if the daemon vanished without saying so."""
+        if self.status in (Status.CREATING, Status.RUNNING) and not self.daemon_alive():
+            return Status.DEAD
+        return self.status
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot (stable identity against pid reuse)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22, counted after the parenthesised command name (which may contain spaces).
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[19])
+
+
+def new_id() -> str:
+    return secrets.token_hex(32)
+
+
+_ADJECTIVES = [
+    "brave",
+    "calm",
+    "eager",
+    "fancy",
+    "gentle",
+    "happy",
+    "jolly",
+    "keen",
+    "lucid",
+    "merry",
+    "nimble",
+    "proud",
+    "quiet",
+    "swift",
+    "tidy",
+    "vivid",
+    "wise",
+]
+_NOUNS = [
+    "ant",
+    "bee",
+    "crane",
+    "deer",
+    "eagle",
+    "finch",
+    "gecko",
+    "heron",
+    "ibis",
+    "koala",
+    "lynx",
+    "moth",
+    "newt",
+    "otter",
+    "panda",
+    "quail",
+    "robin",
+    "seal",
+]
+
+
+def random_name() -> str:
+    return f"{secrets.choice(_ADJECTIVES)}_{secrets.choice(_NOUNS)}_{secrets.randbelow(1000)}"
+
+
+def all_states() -> list[SandboxState]:
+    root = paths.sandboxes_dir()
+    states = []
+    if root.is_dir():
+        for entry in sorted(root.iterdir()):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                states.append(SandboxState.load(entry))
+    return sorted(states, key=lambda s: s.created)
+
+
+def find(ref: str) -> SandboxState:
+    """A sandbox by name, full id or unique id prefix."""
+    states = all_states()
+    for state in states:
+        if ref in (state.name, state.id):
+            return state
+    matches = [s for s in states if len(ref) >= 3 and s.id.startswith(ref)]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise UsageError(f"{ref!r} matches {len(matches)} containers: give more of the id or the name")
+    raise SandboxNotFound(f"no such container: {ref}")
+
+
+@contextlib.contextmanager
+def creation_lock() -> Iterator[None]:
+    """Serialises name checks and directory creation across processes."""
+    root = paths.run_root()
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(root / "create.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def reserve(state: SandboxState) -> None:
+    """Create the sandbox's directory and first state file, refusing a name in use."""
+    with creation_lock():
+        for other in all_states():
+            if other.name == state.name:
+                raise UsageError(
+                    f'the name "{state.name}" is already in use by container {other.short_id}: '
+                    "remove it (hako rm) or choose another name"
+                )
+        state.dir.mkdir(parents=True, mode=0o700)
+        state.save()
+
+
+def age(seconds: float) -> str:
+    """Docker's "2 minutes" style."""
+    seconds = max(0.0, seconds)
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            count = int(seconds // size)
+            return f"{count} {unit}{'s' if count > 1 else ''}"
+    return f"{int(seconds)} second{'s' if int(seconds) != 1 else ''}"
+
+
+def now() -> float:
+    return time.time()

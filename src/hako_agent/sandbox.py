@@ -1,0 +1,290 @@
+"""The sandbox: the guest as a whole and the containers in it.
+
+This is what the RPC handlers call. It speaks in plain Python values (bytes of
+JSON, strings, :class:`Storage`), never protobuf, and raises the errors of
+:mod:`hako_agent.errors`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from hako_agent import linux, log
+from hako_agent.cgroups import DEFAULT_ROOT, Cgroup, CgroupStats, cgroup_relpath, is_cgroup2, render_resources
+from hako_agent.container import Container, Process
+from hako_agent.errors import AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument, NotFound
+from hako_agent.reaper import Reaper
+from hako_agent.spec import check_id, load_json, parse_mount_options, parse_resources, parse_spec
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+
+class Storage:
+    """A filesystem to mount in the guest (agent.proto's Storage)."""
+
+    __slots__ = ("driver", "fstype", "mount_point", "options", "source")
+
+    def __init__(self, driver: str, source: str, fstype: str, options: list[str], mount_point: str) -> None:
+        self.driver = driver
+        self.source = source
+        self.fstype = fstype
+        self.options = options
+        self.mount_point = mount_point
+
+
+_DRIVER_FSTYPE = {"9p": "9p", "virtio-fs": "virtiofs", "tmpfs": "tmpfs"}
+
+
+def mount_storage(storage: Storage, field: str) -> str:
+    """Mount one Storage; returns its mount point."""
+    target = storage.mount_point
+    if not target.startswith("/") or ".." in target.split("/"):
+        raise InvalidArgument(f"{field}.mount_point: must be an absolute path, not {target!r}")
+    options = parse_mount_options(storage.options)
+    bind = storage.driver == "bind" or options.bind
+    fstype = storage.fstype or _DRIVER_FSTYPE.get(storage.driver, "")
+    if not bind and not fstype:
+        raise InvalidArgument(f"{field}.fstype: missing for driver {storage.driver!r}")
+    try:
+        if bind and not os.path.isdir(storage.source):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if not os.path.exists(target):
+                os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+        else:
+            os.makedirs(target, exist_ok=True)
+        if bind:
+            linux.mount(storage.source, target, None, linux.MS_BIND | (options.flags & linux.MS_REC))
+            extra = options.flags & ~(linux.MS_BIND | linux.MS_REC)
+            if extra:
+                linux.mount(None, target, None, linux.MS_BIND | linux.MS_REMOUNT | extra)
+        else:
+            linux.mount(storage.source or fstype, target, fstype, options.flags, options.data or None)
+        for propagation in options.propagation:
+            linux.mount(None, target, None, propagation)
+    except OSError as exc:
+        raise InvalidArgument(
+            f"{field}: cannot mount {storage.source!r} ({fstype or 'bind'}) on {target}: {exc.strerror}"
+        ) from None
+    log.debug(f"mounted {storage.source} on {target}")
+    return target
+
+
+def unmount(target: str) -> None:
+    try:
+        linux.umount2(target)
+    except OSError:
+        try:
+            linux.umount2(target, linux.MNT_DETACH)
+        except OSError as exc:
+            log.warning(f"cannot unmount {target}: {exc.strerror}")
+
+
+class Sandbox:
+    def __init__(self, *, reaper: Reaper | None = None, cgroup_root: str | None = DEFAULT_ROOT) -> None:
+        self.reaper = reaper or Reaper()
+        self.reaper.start()
+        self.cgroup_root = cgroup_root if cgroup_root and is_cgroup2(cgroup_root) else None
+        self.containers: dict[str, Container] = {}
+        self.storages: list[str] = []  # sandbox-wide mounts
+        self.lock = threading.Lock()
+        self._creating: set[str] = set()
+
+    # -- sandbox --------------------------------------------------------------------------------
+    def setup(self, hostname: str, storages: list[Storage], dns: list[str], time_unix_ns: int) -> None:
+        if time_unix_ns:
+            time.clock_settime_ns(time.CLOCK_REALTIME, time_unix_ns)
+        if hostname:
+            if len(hostname.encode()) > 64:
+                raise InvalidArgument("hostname: longer than 64 bytes")
+            linux.sethostname(hostname)
+        for i, storage in enumerate(storages):
+            self.storages.append(mount_storage(storage, f"storages[{i}]"))
+        if dns:
+            write_resolv_conf(dns)
+
+    def shutdown(self, grace: float = 1.0) -> None:
+        """Stop every container (SIGTERM to all, SIGKILL after ``grace`` s), unmount what the
+        agent mounted, sync."""
+        containers = list(self.containers.values())
+        for container in containers:
+            container.terminate()
+        deadline = time.monotonic() + grace
+        for container in containers:
+            container.init.wait(timeout=max(0.0, deadline - time.monotonic()))
+        for container in containers:
+            try:
+                self.remove_container(container.id, 0)
+            except Exception:
+                log.exception(f"destroy: removing container {container.id} failed")
+        for target in reversed(self.storages):
+            unmount(target)
+        self.storages.clear()
+        os.sync()
+
+    # -- containers -----------------------------------------------------------------------------
+    def container(self, container_id: str) -> Container:
+        container = self.containers.get(container_id)
+        if container is None:
+            raise NotFound(f"no container {container_id!r}")
+        return container
+
+    def process(self, container_id: str, exec_id: str) -> Process:
+        return self.container(container_id).process(exec_id)
+
+    def create_container(
+        self, container_id: str, oci_spec: bytes, storages: list[Storage], want_stdin: bool
+    ) -> None:
+        check_id(container_id, "container_id")
+        with self.lock:
+            if container_id in self.containers or container_id in self._creating:
+                raise AlreadyExists(f"container {container_id!r} already exists")
+            self._creating.add(container_id)
+        mounted: list[str] = []
+        cgroup: Cgroup | None = None
+        try:
+            spec = parse_spec(oci_spec)
+            for i, storage in enumerate(storages):
+                mounted.append(mount_storage(storage, f"storages[{i}]"))
+            if not os.path.isdir(spec.root_path):
+                raise InvalidArgument(f"root.path: {spec.root_path} is not a directory in the guest")
+            files = render_resources(spec.resources)
+            if self.cgroup_root is not None:
+                cgroup = Cgroup(self.cgroup_root, cgroup_relpath(spec.cgroups_path, container_id))
+                cgroup.create()
+                cgroup.apply(files)
+            elif files:
+                log.warning(f"container {container_id}: no cgroup v2, resources not applied")
+            container = Container(container_id, spec, self.reaper, cgroup)
+            container.storages = mounted
+            container.create(want_stdin)
+        except BaseException:
+            if cgroup is not None:
+                try:
+                    cgroup.remove()
+                except OSError as exc:
+                    log.warning(f"cannot remove cgroup {cgroup.path}: {exc.strerror}")
+            for target in reversed(mounted):
+                unmount(target)
+            with self.lock:
+                self._creating.discard(container_id)
+            raise
+        with self.lock:
+            self._creating.discard(container_id)
+            self.containers[container_id] = container
+        log.info(f"container {container_id}: created, init pid {container.init.pid}")
+
+    def start_container(self, container_id: str) -> int:
+        pid = self.container(container_id).start()
+        log.info(f"container {container_id}: started")
+        return pid
+
+    def remove_container(self, container_id: str, timeout: float) -> None:
+        """Kill what runs (SIGTERM, SIGKILL after ``timeout`` s), release everything. Idempotent."""
+        container = self.containers.get(container_id)
+        if container is None:
+            return
+        with container.lock:
+            if self.containers.get(container_id) is not container:
+                return  # removed meanwhile
+            container.kill_all(timeout)
+            container.release()
+            if container.cgroup is not None:
+                try:
+                    container.cgroup.remove()
+                except OSError as exc:
+                    log.warning(f"container {container_id}: cannot remove cgroup: {exc.strerror}")
+            for target in reversed(container.storages):
+                unmount(target)
+            with self.lock:
+                del self.containers[container_id]
+        log.info(f"container {container_id}: removed")
+
+    def exec_process(self, container_id: str, exec_id: str, process: bytes, want_stdin: bool) -> int:
+        return self.container(container_id).exec(exec_id, process, want_stdin)
+
+    def signal_process(self, container_id: str, exec_id: str, signum: int, all_processes: bool) -> None:
+        if not 0 <= signum <= 64:
+            raise InvalidArgument(f"signal: {signum} is not a signal number")
+        self.container(container_id).signal(exec_id, signum, all_processes)
+
+    def wait_process(
+        self, container_id: str, exec_id: str, cancelled: Callable[[], bool] | None = None
+    ) -> tuple[int, int]:
+        """(exit status, exited at ns) once the process exited; Cancelled if ``cancelled()`` first."""
+        process = self.process(container_id, exec_id)
+        if not process.wait(cancelled):
+            raise Cancelled(f"gave up waiting for process {exec_id or 'init'} of {container_id}")
+        return process.exit_status, process.exited_at_ns
+
+    def list_processes(self, container_id: str) -> list[int]:
+        return self.container(container_id).pids()
+
+    def stats(self, container_id: str) -> CgroupStats:
+        container = self.container(container_id)
+        if container.cgroup is None:
+            return CgroupStats()
+        return container.cgroup.stats()
+
+    def pause(self, container_id: str) -> None:
+        self.container(container_id).pause()
+
+    def resume(self, container_id: str) -> None:
+        self.container(container_id).resume()
+
+    def update(self, container_id: str, resources: bytes) -> None:
+        container = self.container(container_id)
+        files = render_resources(parse_resources(load_json(resources, "resources"), "resources"))
+        container.update(files)
+
+    # -- stdio ----------------------------------------------------------------------------------
+    def write_stdin(
+        self, container_id: str, exec_id: str, data: bytes, cancelled: Callable[[], bool] | None = None
+    ) -> int:
+        process = self.process(container_id, exec_id)
+        if process.stdin is None:
+            raise FailedPrecondition(f"process {exec_id or 'init'} of {container_id} has no stdin")
+        return process.stdin.write(data, cancelled)
+
+    def close_stdin(self, container_id: str, exec_id: str) -> None:
+        process = self.process(container_id, exec_id)
+        if process.stdin is not None:
+            process.stdin.close()
+
+    def read_output(
+        self,
+        container_id: str,
+        exec_id: str,
+        stderr: bool,
+        size: int,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> bytes:
+        process = self.process(container_id, exec_id)
+        stream = process.stderr if stderr else process.stdout
+        if stream is None:
+            return b""  # a terminal has no separate stderr
+        return stream.read(size, cancelled)
+
+    def resize(self, container_id: str, exec_id: str, rows: int, columns: int) -> None:
+        self.process(container_id, exec_id).resize(rows, columns)
+
+
+def write_resolv_conf(dns: list[str]) -> None:
+    """/run/hako/resolv.conf, bind-mounted over /etc/resolv.conf when that exists (else created)."""
+    for i, server in enumerate(dns):
+        if not server or any(c.isspace() for c in server):
+            raise InvalidArgument(f"dns[{i}]: {server!r} is not an address")
+    os.makedirs("/run/hako", exist_ok=True)
+    path = "/run/hako/resolv.conf"
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(f"nameserver {server}\n" for server in dns)
+    if os.path.exists("/etc/resolv.conf"):
+        linux.mount(path, "/etc/resolv.conf", None, linux.MS_BIND)
+    else:
+        try:
+            os.symlink(path, "/etc/resolv.conf")
+        except OSError as exc:
+            log.warning(f"cannot create /etc/resolv.conf: {exc.strerror}")

@@ -1,0 +1,246 @@
+"""`hako run` end to end: real VMs (TCG here, KVM where it works), real containers."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from hako.hypervisor import probe_kvm
+from tests.integration.harness import BUSYBOX, Hako, qemu_pids_under
+
+pytestmark = pytest.mark.integration
+
+
+def test_guest_kernel_is_not_the_hosts(hako: Hako) -> None:
+    result = hako("run", "--rm", BUSYBOX, "uname", "-r", check=True)
+    release = result.stdout.strip()
+    assert release and release != platform.release()
+    assert hako.sandbox_dirs() == [], "--rm left state behind"
+
+
+def test_tcg_notice_is_given_once(hako: Hako) -> None:
+    (hako.run_root / "tcg-notice").unlink()
+    first = hako("run", "--rm", BUSYBOX, "true", check=True)
+    second = hako("run", "--rm", BUSYBOX, "true", check=True)
+    if probe_kvm().usable:
+        assert "TCG" not in first.stderr + second.stderr
+    else:
+        assert first.stderr.count("hako: using TCG (software emulation): ") == 1
+        assert second.stderr == ""
+
+
+def test_exit_code_is_the_commands(hako: Hako) -> None:
+    assert hako("run", "--rm", BUSYBOX, "sh", "-c", "exit 3").returncode == 3
+
+
+def test_stdin_reaches_the_container(hako: Hako) -> None:
+    result = hako("run", "--rm", "-i", BUSYBOX, "cat", input="hi\n")
+    assert (result.returncode, result.stdout) == (0, "hi\n")
+
+
+def test_stdout_and_stderr_stay_separate(hako: Hako) -> None:
+    result = hako("run", "--rm", BUSYBOX, "sh", "-c", "echo out; echo err >&2; exit 4")
+    assert (result.returncode, result.stdout, result.stderr) == (4, "out\n", "err\n")
+
+
+def test_env_workdir_user_and_hostname(hako: Hako) -> None:
+    result = hako(
+        "run", "--rm", "-e", "FOO=bar", "-w", "/tmp", "-u", "65534:65534", "--name", "envtest",
+        BUSYBOX, "sh", "-c", 'echo "$FOO $(pwd) $(id -u):$(id -g)"',
+    )  # fmt: skip
+    assert result.stdout == "bar /tmp 65534:65534\n", result.stderr
+
+
+def test_tty_mode(hako: Hako) -> None:
+    result = hako("run", "--rm", "-t", BUSYBOX, "tty")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith("/dev/pts/")
+
+
+def test_timing_prints_the_breakdown(hako: Hako) -> None:
+    result = hako("run", "--rm", "--timing", BUSYBOX, "true", check=True)
+    for row in ("QEMU start", "guest kernel", "guest userspace", "container start", "total"):
+        assert row in result.stderr
+    assert "TCG" in result.stderr or "KVM" in result.stderr
+
+
+def test_detached_container_lifecycle(hako: Hako) -> None:
+    started = hako("run", "-d", "--name", "web", BUSYBOX, "sleep", "1000", check=True)
+    sandbox_id = started.stdout.strip()
+    assert len(sandbox_id) == 64
+    listing = hako("ps", check=True).stdout
+    assert "web" in listing and "Up " in listing
+
+    assert hako("exec", "web", "echo", "hello", check=True).stdout == "hello\n"
+    # exec joins the container: same PID namespace (sleep is PID 1 there), same hostname.
+    ps = hako("exec", "web", "ps", "-o", "pid,args", check=True).stdout
+    assert any(line.split()[:2] == ["1", "sleep"] for line in ps.splitlines()[1:]), ps
+    assert hako("exec", "web", "sh", "-c", "exit 5").returncode == 5
+    assert hako("exec", "-i", "web", "cat", input="piped\n").stdout == "piped\n"
+
+    assert hako("kill", "web").returncode == 0
+    deadline = time.monotonic() + 30
+    while "Exited (137)" not in hako("ps", "-a").stdout and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "Exited (137)" in hako("ps", "-a").stdout
+    assert hako("rm", "web").returncode == 0
+    assert "web" not in hako("ps", "-a").stdout
+    assert qemu_pids_under(hako.run_root) == []
+
+
+def test_rm_refuses_a_running_container_unless_forced(hako: Hako) -> None:
+    hako("run", "-d", "--name", "busy", BUSYBOX, "sleep", "1000", check=True)
+    refused = hako("rm", "busy")
+    assert refused.returncode != 0 and "hako rm -f" in refused.stderr
+    assert hako("rm", "-f", "busy").returncode == 0
+    assert hako.sandbox_dirs() == []
+    assert qemu_pids_under(hako.run_root) == []
+
+
+def test_logs_keep_both_streams(hako: Hako) -> None:
+    hako("run", "-d", "--name", "talker", BUSYBOX, "sh", "-c", "echo a; echo b >&2", check=True)
+    deadline = time.monotonic() + 30
+    while "Exited (0)" not in hako("ps", "-a").stdout and time.monotonic() < deadline:
+        time.sleep(0.2)
+    logs = hako("logs", "talker", check=True)
+    assert (logs.stdout, logs.stderr) == ("a\n", "b\n")
+
+
+def test_ctrl_c_reaches_the_container_as_sigint(hako: Hako) -> None:
+    # The command is PID 1 of its namespace: like any init it only gets signals it handles
+    # (Docker behaves the same without --init), so it traps SIGINT and says so.
+    script = 'trap "echo got SIGINT; exit 130" INT; echo ready; while :; do sleep 0.1; done'
+    process = hako.popen(
+        "run", "--rm", BUSYBOX, "sh", "-c", script, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert process.stdout is not None
+    assert process.stdout.readline() == "ready\n"
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert (process.returncode, out) == (130, "got SIGINT\n"), err
+
+
+def test_volumes_read_write_and_read_only(hako: Hako, tmp_path: Path) -> None:
+    shared = tmp_path / "data"
+    shared.mkdir()
+    (shared / "in").write_text("from host\n")
+    result = hako(
+        "run", "--rm", "-v", f"{shared}:/data", BUSYBOX, "sh", "-c", "cat /data/in; echo back > /data/out"
+    )
+    assert result.stdout == "from host\n", result.stderr
+    assert (shared / "out").read_text() == "back\n"
+    denied = hako("run", "--rm", "-v", f"{shared}:/data:ro", BUSYBOX, "sh", "-c", "echo x > /data/new")
+    assert denied.returncode != 0
+    assert not (shared / "new").exists()
+
+
+def test_resource_limits_apply_inside_the_guest(hako: Hako) -> None:
+    result = hako(
+        "run", "--rm", "--memory", "64m", "--cpus", "0.5", BUSYBOX,
+        "cat", "/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/cpu.max",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == [str(64 << 20), "50000 100000"]
+
+
+def test_debian_kernel(hako: Hako) -> None:
+    result = hako("run", "--rm", "--kernel", "debian", BUSYBOX, "uname", "-r", check=True)
+    assert result.stdout.strip().endswith("-amd64")
+
+
+# -- bad input: one line, Docker's exit code, nothing left behind ---------------------------------
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
+    assert result.returncode == code, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hako: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_missing_image(hako: Hako) -> None:
+    _one_line_error(hako("run", "--rm", "no/such-image", "true"), 125, "no/such-image", "not found")
+    assert hako.sandbox_dirs() == []
+
+
+def test_command_not_found_is_127(hako: Hako) -> None:
+    _one_line_error(hako("run", "--rm", BUSYBOX, "no-such-command"), 127, "no-such-command")
+    assert hako.sandbox_dirs() == []
+    assert qemu_pids_under(hako.run_root) == []
+
+
+def test_command_not_executable_is_126(hako: Hako) -> None:
+    _one_line_error(hako("run", "--rm", BUSYBOX, "/etc/passwd"), 126, "/etc/passwd")
+    assert hako.sandbox_dirs() == []
+
+
+def test_bad_config_json(hako: Hako, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    (bundle / "rootfs").mkdir(parents=True)
+    (bundle / "config.json").write_text('{"ociVersion": "1.0.2", "process": ')
+    _one_line_error(hako("run", "--rm", str(bundle)), 125, "config.json", "invalid JSON")
+    assert hako.sandbox_dirs() == []
+
+
+def test_too_little_memory(hako: Hako) -> None:
+    _one_line_error(hako("run", "--rm", "--memory", "1m", BUSYBOX, "true"), 125, "memory")
+    assert hako.sandbox_dirs() == []
+
+
+def test_no_qemu(hako: Hako) -> None:
+    hako.env["HAKO_QEMU"] = "/nonexistent/qemu-system-x86_64"
+    _one_line_error(hako("run", "--rm", BUSYBOX, "true"), 125, "not found", "apt-get install")
+    assert hako.sandbox_dirs() == []
+
+
+# -- the VM dying or hanging under a container ------------------------------------------------
+
+
+def _state_of(hako: Hako, name: str) -> dict[str, object]:
+    for directory in hako.sandbox_dirs():
+        state: dict[str, object] = json.loads((directory / "state.json").read_text())
+        if state["name"] == name:
+            return state
+    raise AssertionError(f"no sandbox {name}")
+
+
+def _wait_status(hako: Hako, name: str, text: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    listing = ""
+    while time.monotonic() < deadline:
+        listing = hako("ps", "-a").stdout
+        line = next((line for line in listing.splitlines() if line.rstrip().endswith(name)), "")
+        if text in line:
+            return line
+        time.sleep(0.2)
+    raise AssertionError(f"{name} never showed {text!r}: {listing}")
+
+
+def test_qemu_killed_under_a_container(hako: Hako) -> None:
+    hako("run", "-d", "--name", "victim", BUSYBOX, "sleep", "1000", check=True)
+    qemu_pid = _state_of(hako, "victim")["qemu_pid"]
+    assert isinstance(qemu_pid, int)
+    os.kill(qemu_pid, signal.SIGKILL)
+    _wait_status(hako, "victim", "Dead", timeout=30)
+    state = _state_of(hako, "victim")
+    assert state["exit_status"] == 137 and "SIGKILL" in str(state["error"])
+    assert qemu_pids_under(hako.run_root) == []
+    assert hako("rm", "victim").returncode == 0
+
+
+def test_hung_qemu_is_detected_and_killed(hako: Hako) -> None:
+    hako("run", "-d", "--name", "frozen", BUSYBOX, "sleep", "1000", check=True)
+    qemu_pid = _state_of(hako, "frozen")["qemu_pid"]
+    assert isinstance(qemu_pid, int)
+    os.kill(qemu_pid, signal.SIGSTOP)  # QEMU stops answering, as a hung VMM would
+    _wait_status(hako, "frozen", "Dead", timeout=60)
+    assert "stopped answering" in str(_state_of(hako, "frozen")["error"])
+    assert qemu_pids_under(hako.run_root) == []

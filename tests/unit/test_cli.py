@@ -1,0 +1,86 @@
+"""The command line: parsing and one-line errors with Docker's exit codes (no root, no VM)."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+
+import pytest
+from google.protobuf.any_pb2 import Any as AnyPb
+
+from hako.cli.options import parse_cpus, parse_signal, parse_size, parse_volume
+from hako.errors import AgentError, ContainerNotFound, ExecNotExecutable, ExecNotFound, UsageError
+from hako.runtime.agent import translate
+from hako.runtime.sandboxd import exec_failure_status
+from hako_api import agent_pb2
+from hako_ttrpc import ConnectionClosed, TtrpcError, codes
+
+
+def test_sizes_use_binary_units() -> None:
+    assert parse_size("512m") == 512 << 20
+    assert parse_size("1g") == 1 << 30
+    assert parse_size("1.5G") == 3 << 29
+    assert parse_size("64MiB") == 64 << 20
+    assert parse_size("1024") == 1024
+    with pytest.raises(UsageError, match="invalid size 'lots'"):
+        parse_size("lots")
+
+
+def test_cpus_and_signals() -> None:
+    assert parse_cpus("0.5") == 0.5
+    with pytest.raises(UsageError):
+        parse_cpus("0")
+    assert parse_signal("KILL") == 9
+    assert parse_signal("sigterm") == 15
+    assert parse_signal("2") == 2
+    with pytest.raises(UsageError, match="invalid signal"):
+        parse_signal("NOPE")
+
+
+def test_volumes() -> None:
+    volume = parse_volume("/srv/data:/data:ro")
+    assert (volume.source, volume.destination, volume.read_only) == ("/srv/data", "/data", True)
+    assert not parse_volume("/a:/b").read_only
+    for bad in ("relative:/x", "/a:relative", "/a", "/a:/b:rx"):
+        with pytest.raises(UsageError):
+            parse_volume(bad)
+
+
+def _exec_failure(err: int) -> TtrpcError:
+    detail = AnyPb()
+    detail.Pack(agent_pb2.ExecFailure(errno=err, path="foo", message=f'exec: "foo": {errno.errorcode[err]}'))
+    return TtrpcError(codes.FAILED_PRECONDITION, "exec failed", [detail])
+
+
+def test_agent_errors_become_docker_exit_codes() -> None:
+    not_found = translate(_exec_failure(errno.ENOENT), "StartContainer")
+    assert isinstance(not_found, ExecNotFound) and not_found.exit_code == 127
+    denied = translate(_exec_failure(errno.EACCES), "StartContainer")
+    assert isinstance(denied, ExecNotExecutable) and denied.exit_code == 126
+    assert isinstance(translate(TtrpcError(codes.NOT_FOUND, "no c1"), "X"), ContainerNotFound)
+    lost = translate(ConnectionClosed(), "WaitProcess")
+    assert isinstance(lost, AgentError) and lost.code == codes.UNAVAILABLE
+
+
+def test_exec_failures_survive_the_daemon_hop() -> None:
+    """The daemon re-encodes an exec failure; the CLI decodes it to the same exit code."""
+    for error, code in ((ExecNotFound("exec: foo: not found"), 127), (ExecNotExecutable("denied"), 126)):
+        assert translate(exec_failure_status(error), "StartContainer").exit_code == code
+
+
+def _hako(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hako.cli.main", *args], capture_output=True, text=True, check=False
+    )
+
+
+def test_bad_flags_exit_125_with_one_line() -> None:
+    result = _hako("run", "--nope", "img")
+    assert result.returncode == 125
+    assert result.stderr.count("\n") == 1 and "unrecognized arguments: --nope" in result.stderr
+
+
+def test_bad_option_values_exit_125() -> None:
+    result = _hako("run", "--accel", "warp", "img", "true")
+    assert result.returncode == 125 and "invalid choice: 'warp'" in result.stderr

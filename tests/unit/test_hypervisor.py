@@ -1,0 +1,105 @@
+"""Accelerator choice and the QEMU command line, without starting QEMU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hako.errors import AcceleratorError, UsageError
+from hako.hypervisor import Accelerator, VMConfig, choose, probe_kvm
+from hako.hypervisor import qemu_args as qa
+from hako.hypervisor.accel import KvmProbe
+from hako.hypervisor.qemu import build_argv
+
+
+def test_auto_picks_kvm_when_usable_and_tcg_otherwise() -> None:
+    assert choose("auto", KvmProbe(True, "KVM is usable")).name == "kvm"
+    fallback = choose("auto", KvmProbe(False, "/dev/kvm is provided by kvm_pvm"))
+    assert fallback.name == "tcg" and "kvm_pvm" in fallback.reason
+
+
+def test_explicit_kvm_fails_with_the_reason() -> None:
+    with pytest.raises(AcceleratorError, match="kvm_pvm.*--accel tcg"):
+        choose("kvm", KvmProbe(False, "/dev/kvm is provided by kvm_pvm"))
+
+
+def test_tcg_never_probes_and_bad_names_are_usage_errors() -> None:
+    assert choose("tcg").name == "tcg"
+    with pytest.raises(UsageError, match="auto, kvm, tcg"):
+        choose("hvf")
+
+
+def test_probe_detects_missing_device_and_pvm(tmp_path: Path) -> None:
+    missing = probe_kvm(dev=tmp_path / "kvm", sys_module=tmp_path)
+    assert not missing.usable and "does not exist" in missing.reason
+    (tmp_path / "kvm").touch()
+    (tmp_path / "kvm_pvm").mkdir()
+    pvm = probe_kvm(dev=tmp_path / "kvm", sys_module=tmp_path)
+    assert not pvm.usable and "kvm_pvm" in pvm.reason
+
+
+def test_probe_rejects_a_device_that_is_not_kvm(tmp_path: Path) -> None:
+    (tmp_path / "kvm").touch()  # a regular file: the ioctl fails
+    result = probe_kvm(dev=tmp_path / "kvm", sys_module=tmp_path)
+    assert not result.usable and "KVM_GET_API_VERSION" in result.reason
+
+
+def test_option_values_escape_commas_and_render_booleans() -> None:
+    assert (
+        qa.options("file", {"path": Path("/a,b"), "readonly": True, "x": None})
+        == "file,path=/a,,b,readonly=on"
+    )
+    assert qa.Chardev("socket", "agent", {"fd": 7}).render() == ["-chardev", "socket,id=agent,fd=7"]
+    assert qa.Accel("tcg", 64).render() == ["-accel", "tcg,tb-size=64"]
+    assert qa.Accel("kvm", 64).render() == ["-accel", "kvm"]
+
+
+def _config(tmp_path: Path, **overrides: object) -> VMConfig:
+    values: dict[str, object] = {
+        "name": "0123456789abcdef",
+        "kernel": Path("/k/vmlinux"),
+        "kernel_cmdline": ("console=ttyS0", "quiet", "panic=-1"),
+        "machine_options": ("acpi=off", "rtc=on"),
+        "initrd": Path("/k/initrd.cpio"),
+        "root_disk": None,
+        "memory_mib": 256,
+        "vcpus": 2,
+        "accel": Accelerator("tcg", "test"),
+        "run_dir": tmp_path,
+        "shared_dir": tmp_path / "shared",
+    }
+    values.update(overrides)
+    return VMConfig(**values)  # type: ignore[arg-type]
+
+
+def test_argv_for_a_tcg_initramfs_sandbox(tmp_path: Path) -> None:
+    argv = build_argv("qemu", _config(tmp_path), qmp_fd=5, agent_fd=6)
+    joined = " ".join(argv)
+    assert argv[0] == "qemu"
+    assert "-machine microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off" in joined
+    assert "-accel tcg" in joined and "-cpu max" in joined
+    assert "-m 256M" in joined and "-smp 2" in joined
+    assert "-initrd /k/initrd.cpio" in joined
+    assert argv[argv.index("-append") + 1] == "console=ttyS0 quiet panic=-1"
+    assert "socket,id=qmp,fd=5" in argv and "socket,id=agent,fd=6" in argv
+    assert "virtserialport,chardev=agent,name=hako.agent" in argv
+    assert "virtserialport,chardev=agentlog,name=hako.log" in argv
+    assert f"local,id=shared,path={tmp_path}/shared,security_model=passthrough,multidevs=remap" in argv
+    assert "virtio-9p-device,fsdev=shared,mount_tag=hako" in argv
+    assert "-no-reboot" in argv and "-nodefaults" in argv
+    assert argv[-2] == "-sandbox" and argv[-1].startswith("on,") and "spawn=deny" in argv[-1]
+
+
+def test_argv_for_kvm_with_an_erofs_root(tmp_path: Path) -> None:
+    config = _config(tmp_path, initrd=None, root_disk=Path("/k/root.erofs"), accel=Accelerator("kvm", "t"))
+    argv = build_argv("qemu", config, qmp_fd=5, agent_fd=6)
+    assert "-cpu" in argv and argv[argv.index("-cpu") + 1] == "host"
+    assert "-initrd" not in argv
+    assert "file=/k/root.erofs,if=none,id=root,format=raw,readonly=on" in argv
+    assert "virtio-blk-device,drive=root" in argv
+
+
+def test_debug_reaches_the_guest(tmp_path: Path) -> None:
+    argv = build_argv("qemu", _config(tmp_path, debug=True), qmp_fd=5, agent_fd=6)
+    assert "hako.debug=1" in argv[argv.index("-append") + 1]

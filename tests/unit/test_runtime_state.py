@@ -1,0 +1,137 @@
+"""Sandbox state on disk, names, timing and the output log: no root, no VM."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from hako.errors import SandboxNotFound, UsageError
+from hako.runtime import timing
+from hako.runtime.output import STDERR, STDOUT, Channel, OutputLog, read_log
+from hako.runtime.state import (
+    SandboxState,
+    Status,
+    age,
+    all_states,
+    find,
+    new_id,
+    process_start_ticks,
+    reserve,
+)
+
+
+@pytest.fixture(autouse=True)
+def run_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("HAKO_RUN", str(tmp_path / "run"))
+    return tmp_path / "run"
+
+
+def _state(name: str = "web", **kw: object) -> SandboxState:
+    values: dict[str, object] = {
+        "id": new_id(),
+        "name": name,
+        "image": "busybox",
+        "command": ["sh"],
+        "created": time.time(),
+        "kernel": "trimmed",
+        "accel": "tcg",
+        "accel_reason": "test",
+        "memory_mib": 256,
+        "vcpus": 1,
+    }
+    values.update(kw)
+    return SandboxState(**values)  # type: ignore[arg-type]
+
+
+def test_state_round_trips_and_lists() -> None:
+    state = _state(timing={"boot_total": 1.5})
+    reserve(state)
+    loaded = SandboxState.load(state.dir)
+    assert loaded == state
+    assert [s.id for s in all_states()] == [state.id]
+    assert (state.dir.stat().st_mode & 0o777) == 0o700
+
+
+def test_names_are_unique() -> None:
+    reserve(_state("db"))
+    with pytest.raises(UsageError, match='"db" is already in use'):
+        reserve(_state("db"))
+
+
+def test_find_by_name_id_and_prefix() -> None:
+    a = _state("alpha", id="abc" + "0" * 61)
+    b = _state("beta", id="abd" + "0" * 61)
+    reserve(a)
+    reserve(b)
+    assert find("alpha").id == a.id
+    assert find(b.id).name == "beta"
+    assert find("abc0").name == "alpha"
+    with pytest.raises(SandboxNotFound, match="no such container: nope"):
+        find("nope")
+
+
+def test_ambiguous_prefix() -> None:
+    reserve(_state("one", id="fff" + "1" * 61))
+    reserve(_state("two", id="fff" + "2" * 61))
+    with pytest.raises(UsageError, match="matches 2 containers"):
+        find("fff")
+
+
+def test_a_vanished_daemon_makes_a_running_sandbox_dead() -> None:
+    alive = _state(
+        "alive",
+        status=Status.RUNNING,
+        daemon_pid=os.getpid(),
+        daemon_start_ticks=process_start_ticks(os.getpid()),
+    )
+    assert alive.effective_status() == Status.RUNNING
+    reused = _state("reused", status=Status.RUNNING, daemon_pid=os.getpid(), daemon_start_ticks=1)
+    assert reused.effective_status() == Status.DEAD  # same pid, another process: not ours
+    exited = _state("exited", status=Status.EXITED, exit_status=3)
+    assert exited.effective_status() == Status.EXITED
+
+
+def test_age_reads_like_docker() -> None:
+    assert age(1) == "1 second"
+    assert age(59) == "59 seconds"
+    assert age(120) == "2 minutes"
+    assert age(3600 * 5) == "5 hours"
+
+
+def test_boot_breakdown_derives_qemu_start_from_guest_uptime() -> None:
+    parts = timing.boot_breakdown(
+        launched=10.0, answered=11.5, uptime=1.3, kernel_done=0.7, agent_start=0.9, agent_ready=1.2
+    )
+    assert parts["boot_total"] == pytest.approx(1.5)
+    assert parts["qemu_start"] == pytest.approx(0.2)
+    assert parts["guest_kernel"] == pytest.approx(0.7)
+    assert parts["guest_userspace"] == pytest.approx(0.6)
+    assert parts["python_start"] == pytest.approx(0.2)
+    assert parts["agent_init"] == pytest.approx(0.3)
+    table = timing.render(parts, "tcg", "trimmed")
+    assert "TCG" in table and "guest kernel" in table and "700.0 ms" in table
+
+
+def test_output_log_keeps_streams_apart_and_in_order(tmp_path: Path) -> None:
+    log = OutputLog(tmp_path / "c" / "output.log")
+    log.append(STDOUT, b"out1")
+    log.append(STDERR, b"err")
+    log.append(STDOUT, b"out2")
+    assert list(read_log(log.path)) == [(STDOUT, b"out1"), (STDERR, b"err"), (STDOUT, b"out2")]
+
+
+def test_channel_blocks_splits_and_ends() -> None:
+    channel = Channel()
+    cancelled = threading.Event()
+    threading.Timer(0.05, channel.put, args=(b"hello",)).start()
+    assert channel.read(3, cancelled) == b"hel"
+    assert channel.read(100, cancelled) == b"lo"
+    channel.close()
+    assert channel.read(100, cancelled) == b""
+    waiting = Channel()
+    cancelled.set()
+    assert waiting.read(10, cancelled) is None
