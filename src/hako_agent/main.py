@@ -61,8 +61,12 @@ def main() -> None:
     log.info(f"agent starting (pid {os.getpid()}, channel {'vsock' if vsock else 'virtio-serial'})")
     found = system.boottime()
 
+    import sys
     import threading
 
+    # Lazy PLT binding for the C++ protobuf extension: Python dlopens with RTLD_NOW, which
+    # resolves ~3,800 symbols of libprotobuf and libstdc++ up front (slow under emulation).
+    sys.setdlopenflags(os.RTLD_LAZY)
     from hako_agent.service import AgentService, BootTimes
     from hako_api import agent_pb2
     from hako_ttrpc import Server

@@ -236,6 +236,21 @@ def test_qemu_killed_under_a_container(hako: Hako) -> None:
     assert hako("rm", "victim").returncode == 0
 
 
+def test_a_killed_daemon_takes_its_vm_along(hako: Hako) -> None:
+    hako("run", "-d", "--name", "orphan", BUSYBOX, "sleep", "1000", check=True)
+    state = _state_of(hako, "orphan")
+    daemon = state["daemon_pid"]
+    assert isinstance(daemon, int)
+    os.kill(daemon, signal.SIGKILL)  # no clean-up code runs
+    deadline = time.monotonic() + 10
+    while qemu_pids_under(hako.run_root) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert qemu_pids_under(hako.run_root) == [], "QEMU outlived the process that owned it"
+    _wait_status(hako, "orphan", "Dead", timeout=5)
+    assert hako("rm", "orphan").returncode == 0
+    assert hako.sandbox_dirs() == []
+
+
 def test_hung_qemu_is_detected_and_killed(hako: Hako) -> None:
     hako("run", "-d", "--name", "frozen", BUSYBOX, "sleep", "1000", check=True)
     qemu_pid = _state_of(hako, "frozen")["qemu_pid"]

@@ -12,7 +12,7 @@ from google.protobuf.any_pb2 import Any as AnyPb
 from hako.cli.options import parse_cpus, parse_signal, parse_size, parse_volume
 from hako.errors import AgentError, ContainerNotFound, ExecNotExecutable, ExecNotFound, UsageError
 from hako.runtime.agent import translate
-from hako.runtime.sandboxd import exec_failure_status
+from hako.runtime.sandboxd import status_of
 from hako_api import agent_pb2
 from hako_ttrpc import ConnectionClosed, TtrpcError, codes
 
@@ -66,7 +66,7 @@ def test_agent_errors_become_docker_exit_codes() -> None:
 def test_exec_failures_survive_the_daemon_hop() -> None:
     """The daemon re-encodes an exec failure; the CLI decodes it to the same exit code."""
     for error, code in ((ExecNotFound("exec: foo: not found"), 127), (ExecNotExecutable("denied"), 126)):
-        assert translate(exec_failure_status(error), "StartContainer").exit_code == code
+        assert translate(status_of(error), "StartContainer").exit_code == code
 
 
 def _hako(*args: str) -> subprocess.CompletedProcess[str]:

@@ -6,10 +6,10 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def _fmt(seconds: float) -> str:
@@ -24,7 +24,12 @@ class Reporter:
         self.enabled = enabled
         self.stream = stream or sys.stdout
         self.live = enabled and self.stream.isatty()
-        self._console = Console(file=self.stream) if self.live else None
+        self._console: Console | None = None
+        if self.live:
+            # Imported only for a live display: asset lookups are on `hako run`'s critical path.
+            from rich.console import Console
+
+            self._console = Console(file=self.stream)
 
     def note(self, message: str) -> None:
         if not self.enabled:
@@ -46,6 +51,8 @@ class Reporter:
             yield lambda n: None
             return
         if self._console is not None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
             bar = Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),

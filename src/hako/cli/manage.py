@@ -21,8 +21,7 @@ from hako.oci.spec import merge_env
 from hako.oci.users import resolve_user
 from hako.runtime.client import connect
 from hako.runtime.output import STDERR, read_log
-from hako.runtime.sandboxd import remove_dead
-from hako.runtime.state import SandboxState, Status, age, all_states, find
+from hako.runtime.state import SandboxState, Status, age, all_states, find, remove_dead
 
 
 def add_parsers(commands: Any) -> None:

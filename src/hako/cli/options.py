@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import re
 import signal
+from typing import TYPE_CHECKING
 
 from hako.errors import UsageError
-from hako.oci.spec import Volume
+
+if TYPE_CHECKING:
+    from hako.oci.spec import Volume
+
+MIN_MEMORY = 6 << 20  # Docker's minimum container memory limit
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([bkmgt]?)(?:i?b)?", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -20,6 +25,13 @@ def parse_size(text: str, what: str = "--memory") -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+def parse_memory(text: str) -> int:
+    size = parse_size(text)
+    if size < MIN_MEMORY:
+        raise UsageError(f"--memory {text} is too small: the minimum is 6m")
+    return size
+
+
 def parse_cpus(text: str) -> float:
     try:
         value = float(text)
@@ -31,7 +43,9 @@ def parse_cpus(text: str) -> float:
 
 
 def parse_volume(text: str) -> Volume:
-    """``HOST:CTR`` or ``HOST:CTR:ro|rw``; HOST must be an absolute path that exists."""
+    """``HOST:CTR`` or ``HOST:CTR:ro|rw``; both paths absolute."""
+    from hako.oci.spec import Volume
+
     parts = text.split(":")
     if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
         raise UsageError(f"invalid volume {text!r}: use HOST:CONTAINER[:ro]")

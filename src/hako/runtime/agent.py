@@ -46,9 +46,15 @@ class AgentClient:
     def close(self) -> None:
         self.client.close()
 
-    def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+    def _call(
+        self,
+        method: str,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Any:
         try:
-            return getattr(self._stub, method)(request, timeout=timeout)
+            return getattr(self._stub, method)(request, timeout=timeout, metadata=metadata)
         except TtrpcError as exc:
             raise translate(exc, method) from exc
 
@@ -79,12 +85,17 @@ class AgentClient:
 
     # -- containers ----------------------------------------------------------------------------
     def create_container(
-        self, container_id: str, spec: Mapping[str, Any], stdin: bool, storages: Sequence[pb.Storage] = ()
+        self,
+        container_id: str,
+        spec: Mapping[str, Any],
+        stdin: bool,
+        storages: Sequence[pb.Storage] = (),
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         request = pb.CreateContainerRequest(
             container_id=container_id, oci_spec=json.dumps(spec).encode(), stdin=stdin, storages=storages
         )
-        self._call("CreateContainer", request, 60)
+        self._call("CreateContainer", request, 120, metadata)
 
     def start_container(self, container_id: str) -> int:
         response: pb.StartContainerResponse = self._call(

@@ -24,32 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hako import assets
 from hako.errors import AgentError, ContainerNotFound, HakoError, HypervisorError, SandboxError, VMDied
-from hako.hypervisor import Accelerator, Hypervisor, QemuVM, VMConfig
+from hako.hypervisor import Hypervisor, QemuVM
 from hako.runtime import mounts, timing
 from hako.runtime.agent import AgentClient
+from hako.runtime.config import GUEST_SHARED, SandboxConfig
 from hako_api import agent_pb2 as pb
 from hako_ttrpc import codes
 
-GUEST_SHARED = "/run/hako/shared"
 SHARE_OPTIONS = ("trans=virtio", "version=9p2000.L", "msize=524288", "cache=mmap")
 KILLED_STATUS = 137  # what a container reports when its VM died under it (128 + SIGKILL)
-
-
-@dataclass(frozen=True)
-class SandboxConfig:
-    sandbox_id: str
-    hostname: str
-    kernel: assets.Kernel
-    image: assets.GuestImage
-    memory_mib: int
-    vcpus: int
-    accel: Accelerator
-    run_dir: Path
-    debug: bool = False
-    boot_timeout: float = 60.0
-    watchdog_interval: float = 5.0  # 0 disables the hang check
 
 
 @dataclass
@@ -61,8 +45,8 @@ class _Container:
 class Sandbox:
     def __init__(self, config: SandboxConfig, hypervisor: Hypervisor | None = None) -> None:
         self.config = config
-        self.shared_dir = config.run_dir / "shared"
-        self.vm: Hypervisor = hypervisor or QemuVM(self._vm_config())
+        self.shared_dir = config.shared_dir
+        self.vm: Hypervisor = hypervisor or QemuVM(config.vm_config())
         self.agent: AgentClient | None = None
         self.timing: dict[str, float] = {}
         self.kernel_release = ""
@@ -72,30 +56,14 @@ class Sandbox:
         self._containers: dict[str, _Container] = {}
         self._lock = threading.Lock()
 
-    def _vm_config(self) -> VMConfig:
-        c = self.config
-        initramfs = c.image.format == "initramfs"
-        return VMConfig(
-            name=c.sandbox_id,
-            kernel=c.kernel.path,
-            kernel_cmdline=(*c.kernel.cmdline_for(c.accel.name), *c.image.cmdline),
-            machine_options=c.kernel.microvm_options,
-            initrd=c.image.path if initramfs else None,
-            root_disk=None if initramfs else c.image.path,
-            memory_mib=c.memory_mib,
-            vcpus=c.vcpus,
-            accel=c.accel,
-            run_dir=c.run_dir,
-            shared_dir=self.shared_dir,
-            debug=c.debug,
-        )
-
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
-        """Launch the VM. The guest boots in the background; see :meth:`wait_ready`."""
+        """Launch the VM (unless the caller already did). The guest boots in the background; see
+        :meth:`wait_ready`."""
         self.shared_dir.mkdir(parents=True, exist_ok=True)
+        if self.vm.launched_at is None:
+            self.vm.start()
         self.vm.on_exit(self._vm_exited)
-        self.vm.start()
 
     def wait_ready(self) -> None:
         """Block until the agent answers, then set up the sandbox in the guest."""
@@ -174,8 +142,11 @@ class Sandbox:
 
     def stop(self) -> None:
         """Stop everything in the guest, stop the VM, remove host mounts. Idempotent."""
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            self._stopping.set()
         started = time.monotonic()
-        self._stopping.set()
         if self.agent is not None and not self.vm.exited.is_set():
             with contextlib.suppress(HakoError):
                 self.agent.destroy_sandbox(timeout=5)

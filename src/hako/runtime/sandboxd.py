@@ -1,19 +1,23 @@
 """The per-sandbox daemon behind ``hako run`` (Kata's runtime, shim and proxy in one process).
 
-Forked from the CLI, it owns the VM for its whole life, in a private mount
-namespace so that nothing it mounts can outlive it. It serves the guest agent's
-own ttRPC API on ``<run dir>/api.sock``: most calls are forwarded to the agent
-untouched (exec, signals, stdin, resize, stats), and a few are its own:
+Forked by :mod:`hako.runtime.launch`, which has already started the VM, it owns
+the VM for its whole life, in a private mount namespace so that nothing it
+mounts can outlive it. It serves the guest agent's own ttRPC API on
+``<run dir>/api.sock``: most calls go to the agent untouched (exec, signals,
+stdin, resize, stats, processes), and a few are its own:
 
-    StartContainer   waits for boot and container creation, then starts it
-    WaitProcess      main process: answered from the daemon's record, so a dead VM
-                     still yields an exit (137); exec'd processes: the sandbox's wait
+    CreateContainer  the spec has HOST paths: share the rootfs and volumes with the
+                     guest, then create it there (metadata ``hako-attach: 1`` keeps
+                     the output for an attached client, ``hako-image`` names the image)
+    StartContainer   start it, and watch the main process from then on
+    WaitProcess      main process: from the daemon's record, so a dead VM still
+                     yields an exit (137); exec'd processes: the sandbox's wait
     ReadStdout/Err   main process: from the daemon's pump, which also keeps the log
     DestroySandbox   stop the sandbox now
 
-The daemon stops the VM once the main process has exited, its output is
-drained, and no client is connected; then it reports its final state through
-the pipe the CLI gave it and exits (removing the state with ``--rm``).
+Once the main process has exited, its output is drained and no client is
+connected, the daemon stops the VM, reports its final state through the
+notification pipe and exits (removing its state with ``--rm``).
 """
 
 from __future__ import annotations
@@ -27,29 +31,31 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Mapping
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from google.protobuf.any_pb2 import Any as AnyPb
 
 from hako.errors import ContainerNotFound, ExecNotExecutable, ExecNotFound, HakoError
-from hako.runtime import mounts
+from hako.hypervisor import Hypervisor
 from hako.runtime.agent import SERVICE_NAME
+from hako.runtime.config import SandboxConfig
+from hako.runtime.launch import notify
 from hako.runtime.output import STDERR, STDOUT, Channel, OutputLog
-from hako.runtime.sandbox import Sandbox, SandboxConfig
+from hako.runtime.sandbox import Sandbox
 from hako.runtime.sockets import listen_unix
 from hako.runtime.state import SandboxState, Status, process_start_ticks
 from hako_api import agent_pb2 as pb
 from hako_ttrpc import CallContext, Server, TtrpcError, codes
 
 API_SOCKET = "api.sock"
-START_TIMEOUT = 300.0  # a created container nobody starts is given up after this long
+ATTACH_KEY = "hako-attach"
+IMAGE_KEY = "hako-image"
+IDLE_TIMEOUT = 300.0  # a sandbox whose container nobody creates or starts is given up after this
 
 
-def exec_failure_status(exc: HakoError) -> TtrpcError:
-    """Re-encode an exec failure so the CLI on the other side maps it to 126/127 again."""
+def status_of(exc: HakoError) -> TtrpcError:
+    """The status to answer a client with, such that its AgentClient raises the same error again."""
     if isinstance(exc, ExecNotFound | ExecNotExecutable):
         detail = pb.ExecFailure(
             errno=errno.ENOENT if isinstance(exc, ExecNotFound) else errno.EACCES, message=str(exc)
@@ -63,37 +69,29 @@ def exec_failure_status(exc: HakoError) -> TtrpcError:
 
 
 class SandboxDaemon:
-    def __init__(
-        self, state: SandboxState, config: SandboxConfig, spec: Mapping[str, Any], stdin: bool, attach: bool
-    ) -> None:
+    def __init__(self, state: SandboxState, config: SandboxConfig, vm: Hypervisor) -> None:
         self.state = state
-        self.sandbox = Sandbox(config)
+        self.sandbox = Sandbox(config, vm)
         self.container_id = state.id
-        self.spec = spec
-        self.stdin = stdin
         self.run_dir = config.run_dir
         self.log_file = (self.run_dir / "daemon.log").open("a", buffering=1)
         self.output = OutputLog(self.run_dir / "containers" / self.container_id / "output.log")
-        self.channels = {STDOUT: Channel(), STDERR: Channel()} if attach else {}
+        self.channels: dict[int, Channel] = {}
+        self.ready = threading.Event()  # the agent answered (or boot failed: boot_error)
+        self.boot_error: HakoError | None = None
         self.created = threading.Event()
-        self.create_error: HakoError | None = None
         self.started = threading.Event()
         self.exited = threading.Event()
         self.exit_status = 0
         self.pumps_done = threading.Event()
         self._pumps_running = 2
         self._pumps_lock = threading.Lock()
+        self._create_lock = threading.Lock()
         self.wake = threading.Event()  # something changed that may let the daemon finish
         self.server = Server(log=self.log)
         self.server.on_disconnect = self.wake.set
-        self._register()
-
-    def log(self, message: str) -> None:
-        self.log_file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")
-
-    # -- API -----------------------------------------------------------------------------------
-    def _register(self) -> None:
         s = self.server
+        s.register_method(SERVICE_NAME, "CreateContainer", pb.CreateContainerRequest, self.CreateContainer)
         s.register_method(SERVICE_NAME, "StartContainer", pb.ContainerRequest, self.StartContainer)
         s.register_method(SERVICE_NAME, "WaitProcess", pb.ProcessRequest, self.WaitProcess)
         s.register_method(SERVICE_NAME, "ReadStdout", pb.ReadStreamRequest, self.ReadStdout)
@@ -101,29 +99,62 @@ class SandboxDaemon:
         s.register_method(SERVICE_NAME, "DestroySandbox", pb.DestroySandboxRequest, self.DestroySandbox)
         s.set_fallback(self._forward)
 
+    def log(self, message: str) -> None:
+        self.log_file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")
+
+    # -- API -----------------------------------------------------------------------------------
     def _forward(self, ctx: CallContext, payload: bytes) -> bytes:
         if ctx.service != SERVICE_NAME:
             raise TtrpcError(codes.UNIMPLEMENTED, f"{ctx.service}: not served here")
-        if ctx.method in ("CreateContainer", "CreateSandbox"):
-            raise TtrpcError(codes.FAILED_PRECONDITION, f"{ctx.method} is the daemon's own business")
-        if not self.created.wait(self.sandbox.config.boot_timeout + 30):
-            raise TtrpcError(codes.UNAVAILABLE, "the sandbox is not ready")
+        if ctx.method == "CreateSandbox":
+            raise TtrpcError(codes.FAILED_PRECONDITION, "the sandbox is created by its daemon")
+        self._need_ready()
         if self.sandbox.agent is None or self.sandbox.dead.is_set():
             raise TtrpcError(codes.UNAVAILABLE, f"the sandbox is dead: {self.sandbox.death_reason}")
         timeout = max(0.0, ctx.deadline - time.monotonic()) if ctx.deadline else None
         return self.sandbox.agent.call_raw(ctx.method, payload, timeout=timeout)
 
+    def _need_ready(self) -> None:
+        if not self.ready.wait(self.sandbox.config.boot_timeout + 30):
+            raise TtrpcError(codes.UNAVAILABLE, "the sandbox did not become ready")
+        if self.boot_error is not None:
+            raise status_of(self.boot_error)
+
+    def CreateContainer(self, request: pb.CreateContainerRequest, ctx: CallContext) -> pb.Empty:
+        self._check_main(request.container_id)
+        self._need_ready()
+        with self._create_lock:
+            if self.created.is_set():
+                raise TtrpcError(codes.ALREADY_EXISTS, f"container {request.container_id} exists")
+            try:
+                spec: dict[str, Any] = json.loads(request.oci_spec)
+                self.sandbox.add_container(self.container_id, spec, request.stdin)
+            except HakoError as exc:
+                self.log(f"create failed: {exc}")
+                raise status_of(exc) from exc
+            if ctx.first(ATTACH_KEY) == "1":
+                self.channels = {STDOUT: Channel(), STDERR: Channel()}
+            for stream in (STDOUT, STDERR):
+                threading.Thread(
+                    target=self._pump, args=(stream,), daemon=True, name=f"pump-{stream}"
+                ).start()
+            self.state.image = ctx.first(IMAGE_KEY) or self.state.image
+            self.state.command = list(spec.get("process", {}).get("args", []))
+            self.state.timing = dict(self.sandbox.timing)
+            self.state.save()
+            self.created.set()
+        return pb.Empty()
+
     def StartContainer(self, request: pb.ContainerRequest, ctx: CallContext) -> pb.StartContainerResponse:
         self._check_main(request.container_id)
-        self.created.wait()
-        if self.create_error is not None:
-            raise exec_failure_status(self.create_error)
+        if not self.created.is_set():
+            raise TtrpcError(codes.FAILED_PRECONDITION, f"container {request.container_id} is not created")
         try:
             pid = self.sandbox.start_container(self.container_id)
         except HakoError as exc:
             self.log(f"start failed: {exc}")
-            self._finish_exit(exc.exit_code, error=str(exc))
-            raise exec_failure_status(exc) from exc
+            self._finish(exc.exit_code, error=str(exc))
+            raise status_of(exc) from exc
         self.started.set()
         self.state.status = Status.RUNNING
         self.state.timing = dict(self.sandbox.timing)
@@ -136,7 +167,7 @@ class SandboxDaemon:
             try:
                 status = self.sandbox.wait(request.container_id, request.exec_id)
             except HakoError as exc:
-                raise exec_failure_status(exc) from exc
+                raise status_of(exc) from exc
             return pb.WaitProcessResponse(exit_status=status)
         self._check_main(request.container_id)
         while not self.exited.wait(0.2):
@@ -153,9 +184,10 @@ class SandboxDaemon:
     def _read(self, stream: int, request: pb.ReadStreamRequest, ctx: CallContext) -> pb.ReadStreamResponse:
         if request.exec_id:
             method = "ReadStdout" if stream == STDOUT else "ReadStderr"
-            return pb.ReadStreamResponse.FromString(
-                self._forward(_as(ctx, method), request.SerializeToString())
+            forwarded = CallContext(
+                ctx.service, method, ctx.metadata, ctx.deadline, ctx.closed, ctx.stream_id
             )
+            return pb.ReadStreamResponse.FromString(self._forward(forwarded, request.SerializeToString()))
         self._check_main(request.container_id)
         channel = self.channels.get(stream)
         if channel is None:
@@ -165,10 +197,9 @@ class SandboxDaemon:
             raise TtrpcError(codes.CANCELLED, "the client went away")
         return pb.ReadStreamResponse(data=data)
 
-    def DestroySandbox(self, request: pb.DestroySandboxRequest, ctx: CallContext) -> pb.Empty:
+    def DestroySandbox(self, request: pb.DestroySandboxRequest, ctx: CallContext | None) -> pb.Empty:
         self.log("stop requested")
-        if not self.exited.is_set():
-            self._finish_exit(137 if self.started.is_set() else 0, error=None, stopped=True)
+        self._finish(137 if self.started.is_set() else 0, error=None, stopped=True)
         self.wake.set()
         return pb.Empty()
 
@@ -177,33 +208,27 @@ class SandboxDaemon:
             raise TtrpcError(codes.NOT_FOUND, f"no container {container_id} here")
 
     # -- work ----------------------------------------------------------------------------------
-    def _boot_and_create(self) -> None:
+    def _boot(self) -> None:
         try:
             self.sandbox.wait_ready()
             self.state.guest_kernel_release = self.sandbox.kernel_release
-            self.sandbox.add_container(self.container_id, self.spec, self.stdin)
-            for stream in (STDOUT, STDERR):
-                threading.Thread(
-                    target=self._pump, args=(stream,), daemon=True, name=f"pump-{stream}"
-                ).start()
             self.state.timing = dict(self.sandbox.timing)
             self.state.save()
         except HakoError as exc:
-            self.log(f"boot/create failed: {exc}")
-            self.create_error = exc
-            self._finish_exit(exc.exit_code, error=str(exc))
-            self.pumps_done.set()
+            self.log(f"boot failed: {exc}")
+            self.boot_error = exc
+            self._finish(exc.exit_code, error=str(exc))
         except Exception as exc:
-            self.log(f"boot/create crashed:\n{traceback.format_exc()}")
-            self.create_error = HakoError(f"internal error: {exc}")
-            self._finish_exit(125, error=str(exc))
-            self.pumps_done.set()
+            self.log(f"boot crashed:\n{traceback.format_exc()}")
+            self.boot_error = HakoError(f"internal error: {exc}")
+            self._finish(125, error=str(exc))
         finally:
-            self.created.set()
+            self.ready.set()
 
     def _pump(self, stream: int) -> None:
         assert self.sandbox.agent is not None
         read = self.sandbox.agent.read_stdout if stream == STDOUT else self.sandbox.agent.read_stderr
+        channel = self.channels.get(stream)
         try:
             while True:
                 try:
@@ -215,35 +240,29 @@ class SandboxDaemon:
                 if not data:
                     break
                 self.output.append(stream, data)
-                channel = self.channels.get(stream)
                 if channel is not None:
                     channel.put(data)
         finally:
-            channel = self.channels.get(stream)
             if channel is not None:
                 channel.close()
-            self._pump_finished()
-
-    def _pump_finished(self) -> None:
-        with self._pumps_lock:
-            self._pumps_running -= 1
-            if self._pumps_running == 0:
-                self.pumps_done.set()
-                self.wake.set()
+            with self._pumps_lock:
+                self._pumps_running -= 1
+                if self._pumps_running == 0:
+                    self.pumps_done.set()
+                    self.wake.set()
 
     def _wait_main(self) -> None:
         started = time.monotonic()
         status = self.sandbox.wait(self.container_id)
         self.sandbox.timing["container_run"] = time.monotonic() - started
-        error = (self.sandbox.death_reason or None) if self.sandbox.dead.is_set() else None
-        self._finish_exit(status, error=error)
-        if self.sandbox.dead.is_set():
-            # The VM is gone: no more output will come.
+        dead = self.sandbox.dead.is_set()
+        self._finish(status, error=(self.sandbox.death_reason or None) if dead else None)
+        if dead:  # no more output will come
             for channel in self.channels.values():
                 channel.close()
             self.pumps_done.set()
 
-    def _finish_exit(self, status: int, error: str | None, stopped: bool = False) -> None:
+    def _finish(self, status: int, error: str | None, stopped: bool = False) -> None:
         if self.exited.is_set():
             return
         self.exit_status = status
@@ -261,153 +280,47 @@ class SandboxDaemon:
         listener = listen_unix(self.run_dir / API_SOCKET)
         self.state.daemon_pid = os.getpid()
         self.state.daemon_start_ticks = process_start_ticks(os.getpid())
-        started_run = time.monotonic()
-        try:
-            self.sandbox.start()
-        except HakoError as exc:
-            self.log(f"VM start failed: {exc}")
-            _notify(notify_fd, {"error": str(exc), "exit_code": exc.exit_code})
-            listener.close()
-            self._cleanup(remove=True)
-            return exc.exit_code
         self.state.qemu_pid = self.sandbox.vm.pid
         self.state.save()
-        threading.Thread(target=self.server.serve_listener, args=(listener,), daemon=True).start()
-        _notify(notify_fd, {"ok": True})
+        self.sandbox.start()
         self.sandbox.vm.on_exit(self.wake.set)
-        threading.Thread(target=self._boot_and_create, daemon=True, name="boot").start()
-        signal.signal(signal.SIGTERM, lambda *_: self.DestroySandbox(pb.DestroySandboxRequest(), _NO_CTX))
-        self._main_loop(started_run)
+        threading.Thread(target=self._boot, daemon=True, name="boot").start()
+        threading.Thread(target=self.server.serve_listener, args=(listener,), daemon=True).start()
+        signal.signal(signal.SIGTERM, lambda *_: self.DestroySandbox(pb.DestroySandboxRequest(), None))
+        notify(notify_fd, {"serving": True})
+        self._main_loop()
         self.server.shutdown()
-        self._cleanup(remove=self.state.auto_remove)
+        self.sandbox.stop()
+        self.state.timing = dict(self.sandbox.timing)
+        self.state.save()
+        with contextlib.suppress(OSError):
+            (self.run_dir / API_SOCKET).unlink()
+        self.log_file.close()
         final = asdict(self.state)
         final["status"] = self.state.status.value
-        _notify(notify_fd, {"final": final})
+        if self.state.auto_remove or not self.created.is_set():
+            shutil.rmtree(self.run_dir, ignore_errors=True)  # --rm, or nothing was ever created
+        notify(notify_fd, {"final": final})
         return 0
 
-    def _main_loop(self, started_run: float) -> None:
-        stop_at: float | None = None
+    def _main_loop(self) -> None:
+        idle_since = time.monotonic()
+        give_up_at: float | None = None
         while True:
             self.wake.wait(1.0)
             self.wake.clear()
             if self.exited.is_set():
                 # Let attached clients drain the output, then stop once they have left.
-                self.pumps_done.wait(10)
-                if not self.sandbox.dead.is_set() and not self.sandbox._stopping.is_set():
+                if self.created.is_set():
+                    self.pumps_done.wait(10)
+                if not self.sandbox.dead.is_set():
                     self.sandbox.stop()
-                    self.state.timing = dict(self.sandbox.timing)
-                    self.state.save()
-                if stop_at is None:
-                    stop_at = time.monotonic() + 600  # do not wait for a stuck client forever
-                if self.server.connection_count == 0 or time.monotonic() > stop_at:
+                if give_up_at is None:
+                    give_up_at = time.monotonic() + 600  # a stuck client does not keep us forever
+                if self.server.connection_count == 0 or time.monotonic() > give_up_at:
                     return
-            elif self.sandbox.dead.is_set() and not self.started.is_set() and self.created.is_set():
-                return
-            elif (
-                not self.started.is_set()
-                and self.server.connection_count == 0
-                and time.monotonic() - started_run > START_TIMEOUT
-            ):
-                self.log("nobody started the container: giving up")
-                self._finish_exit(0, error="never started", stopped=True)
-
-    def _cleanup(self, remove: bool) -> None:
-        self.sandbox.stop()
-        if self.exited.is_set() or self.state.status != Status.EXITED:
-            self.state.save()
-        with contextlib.suppress(OSError):
-            (self.run_dir / API_SOCKET).unlink()
-        self.log_file.close()
-        if remove:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-
-
-class _NoCtx:
-    closed = threading.Event()
-
-
-_NO_CTX: Any = _NoCtx()
-
-
-def _as(ctx: CallContext, method: str) -> CallContext:
-    return CallContext(ctx.service, method, ctx.metadata, ctx.deadline, ctx.closed, ctx.stream_id)
-
-
-def _notify(fd: int, message: Mapping[str, Any]) -> None:
-    with contextlib.suppress(OSError):
-        os.write(fd, json.dumps(message).encode() + b"\n")
-
-
-def daemonize_and_run(
-    state: SandboxState, config: SandboxConfig, spec: Mapping[str, Any], stdin: bool, attach: bool
-) -> tuple[int, Notifications]:
-    """Fork the daemon. Returns its pid and its notification pipe.
-
-    The pipe carries one JSON line once the VM is launched ({"ok": true} or
-    {"error": ...}), and a last one with the final state when the daemon ends.
-    The caller must not have started threads (we fork).
-    """
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(write_fd)
-        return pid, Notifications(read_fd)
-    # The daemon: its own session, its own mount namespace, no terminal.
-    code = 125
-    try:
-        os.close(read_fd)
-        os.setsid()
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        devnull = os.open(os.devnull, os.O_RDWR)
-        log_fd = os.open(config.run_dir / "daemon.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.dup2(devnull, 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        os.close(devnull)
-        os.close(log_fd)
-        mounts.private_namespace()
-        code = SandboxDaemon(state, config, spec, stdin, attach).run(write_fd)
-    except BaseException as exc:
-        message = str(exc) if isinstance(exc, HakoError) else f"internal error: {exc!r}"
-        with contextlib.suppress(Exception):
-            traceback.print_exc()
-            _notify(write_fd, {"error": message, "exit_code": 125})
-    finally:
-        os._exit(code)
-
-
-class Notifications:
-    """The daemon's notification pipe, read by the process that forked it: one JSON object per line."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self._buffer = b""
-
-    def next(self, timeout: float | None = None) -> dict[str, Any] | None:
-        """The next message; None once the daemon has gone (or after ``timeout`` seconds of silence)."""
-        import select
-
-        while b"\n" not in self._buffer:
-            if timeout is not None and not select.select([self.fd], [], [], timeout)[0]:
-                return None
-            chunk = os.read(self.fd, 65536)
-            if not chunk:
-                return None
-            self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        message: dict[str, Any] = json.loads(line)
-        return message
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-def remove_dead(state: SandboxState) -> None:
-    """Clean up after a sandbox whose daemon is gone: kill its QEMU if it survived, drop the state."""
-    if state.qemu_pid and not state.daemon_alive():
-        cmdline = Path(f"/proc/{state.qemu_pid}/cmdline")
-        with contextlib.suppress(OSError):
-            if f"hako-{state.id[:12]}".encode() in cmdline.read_bytes():
-                os.kill(state.qemu_pid, signal.SIGKILL)
-    shutil.rmtree(state.dir, ignore_errors=True)
+            elif self.server.connection_count:
+                idle_since = time.monotonic()
+            elif not self.started.is_set() and time.monotonic() - idle_since > IDLE_TIMEOUT:
+                self.log("nobody created or started the container: giving up")
+                self._finish(0, error="never started", stopped=True)

@@ -13,6 +13,8 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -211,3 +213,15 @@ def age(seconds: float) -> str:
 
 def now() -> float:
     return time.time()
+
+
+def remove_dead(state: SandboxState) -> None:
+    """Clean up after a sandbox whose daemon is gone: kill its QEMU if it survived, drop the state.
+
+    The QEMU is recognised by its ``-name hako-<id>`` so that a reused pid is never killed.
+    """
+    if state.qemu_pid and not state.daemon_alive():
+        with contextlib.suppress(OSError):
+            if f"hako-{state.short_id}".encode() in Path(f"/proc/{state.qemu_pid}/cmdline").read_bytes():
+                os.kill(state.qemu_pid, signal.SIGKILL)
+    shutil.rmtree(state.dir, ignore_errors=True)

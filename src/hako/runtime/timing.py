@@ -1,5 +1,6 @@
 """The seed's boot-time breakdown, per sandbox.
 
+    host_startup     the hako command starting until it forks the daemon that launches QEMU
     qemu_start       launch of QEMU until the guest kernel's clock starts
     guest_kernel     guest kernel boot, until it runs /init
     guest_userspace  /init (our agent on the guest's Python) until it answers the host
@@ -17,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 ORDER = (
+    ("host_startup", "hako start-up (to QEMU launch)"),
     ("qemu_start", "QEMU start"),
     ("guest_kernel", "guest kernel"),
     ("guest_userspace", "guest userspace (to agent ready)"),

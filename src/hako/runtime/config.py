@@ -1,0 +1,49 @@
+"""What a sandbox is made of, and the VM that gives it (kept free of heavy imports: the
+daemon starts QEMU from this before it imports anything else)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from hako import assets
+from hako.hypervisor.accel import Accelerator
+from hako.hypervisor.base import VMConfig
+
+GUEST_SHARED = "/run/hako/shared"  # where the agent mounts the sandbox's shared directory
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    sandbox_id: str
+    hostname: str
+    kernel: assets.Kernel
+    image: assets.GuestImage
+    memory_mib: int
+    vcpus: int
+    accel: Accelerator
+    run_dir: Path
+    debug: bool = False
+    boot_timeout: float = 60.0
+    watchdog_interval: float = 5.0  # 0 disables the hang check
+
+    @property
+    def shared_dir(self) -> Path:
+        return self.run_dir / "shared"
+
+    def vm_config(self) -> VMConfig:
+        initramfs = self.image.format == "initramfs"
+        return VMConfig(
+            name=self.sandbox_id,
+            kernel=self.kernel.path,
+            kernel_cmdline=(*self.kernel.cmdline_for(self.accel.name), *self.image.cmdline),
+            machine_options=self.kernel.microvm_options,
+            initrd=self.image.path if initramfs else None,
+            root_disk=None if initramfs else self.image.path,
+            memory_mib=self.memory_mib,
+            vcpus=self.vcpus,
+            accel=self.accel,
+            run_dir=self.run_dir,
+            shared_dir=self.shared_dir,
+            debug=self.debug,
+        )

@@ -1,0 +1,114 @@
+"""Forking a sandbox's daemon, which starts the VM before anything else.
+
+The guest needs seconds to boot under emulation; everything else (the daemon's
+own imports, the CLI resolving the image and writing the spec) happens while it
+does. The daemon reports over a pipe, one JSON object per line:
+
+    {"launched": true}              QEMU is running (or {"error": ..., "exit_code": ...})
+    {"serving": true}               its API socket accepts connections
+    {"final": {...state...}}        it is about to exit; the VM is gone
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import traceback
+from collections.abc import Mapping
+from typing import Any
+
+from hako.errors import HakoError
+from hako.hypervisor.qemu import QemuVM
+from hako.runtime import mounts
+from hako.runtime.config import SandboxConfig
+from hako.runtime.state import SandboxState
+
+
+class Notifications:
+    """The daemon's notification pipe, read by the process that forked it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._buffer = b""
+
+    def next(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """The next message; None once the daemon has gone (or after ``timeout`` seconds of silence)."""
+        while b"\n" not in self._buffer:
+            if timeout is not None and not select.select([self.fd], [], [], timeout)[0]:
+                return None
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    def expect(self, key: str) -> dict[str, Any]:
+        """The next message, which must carry ``key``; the daemon's error as a HakoError otherwise."""
+        message = self.next()
+        if message is None or key not in message:
+            error = HakoError(
+                message["error"] if message and "error" in message else "the sandbox daemon died"
+            )
+            error.exit_code = int(message.get("exit_code", 125)) if message else 125
+            raise error
+        return message
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def notify(fd: int, message: Mapping[str, Any]) -> None:
+    with contextlib.suppress(OSError):
+        os.write(fd, json.dumps(message).encode() + b"\n")
+
+
+def fork_sandbox(state: SandboxState, config: SandboxConfig) -> tuple[int, Notifications]:
+    """Fork the sandbox's daemon; returns its pid and its notifications. The caller has no threads."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        return pid, Notifications(read_fd)
+    code = 125
+    try:
+        os.close(read_fd)
+        _detach(config)
+        mounts.private_namespace()
+        config.shared_dir.mkdir(parents=True, exist_ok=True)
+        vm = QemuVM(config.vm_config())
+        try:
+            vm.start()
+        except HakoError as exc:
+            notify(write_fd, {"error": str(exc), "exit_code": exc.exit_code})
+            raise
+        notify(write_fd, {"launched": True})
+        # Only now the heavy part (protobuf, ttRPC, the runtime), while the guest boots.
+        from hako.runtime.sandboxd import SandboxDaemon
+
+        code = SandboxDaemon(state, config, vm).run(write_fd)
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+            message = str(exc) if isinstance(exc, HakoError) else f"internal error: {exc!r}"
+            notify(write_fd, {"error": message, "exit_code": 125})
+    finally:
+        os._exit(code)
+
+
+def _detach(config: SandboxConfig) -> None:
+    """Its own session, no terminal, output to its log."""
+    os.setsid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    log = os.open(config.run_dir / "daemon.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(devnull, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(devnull)
+    os.close(log)
