@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""The seed's "Kata boot time" table for hako: where the time of a cold start goes.
+
+For each guest kernel, N runs (default 5) of ``hako run --rm IMG true`` with the
+breakdown the sandbox records (QEMU start, guest kernel, guest userspace up to
+the agent, container create/start/run, teardown), medians, and the wall time of
+the whole command. Then the guest image sizes and the host memory one idle
+sandbox takes (PSS of its QEMU and of its daemon, median over a few sandboxes).
+
+Runs against a throw-away state and image store (the busybox image is built
+from Debian's busybox-static). Needs root, QEMU and the built guest assets.
+
+    sudo .venv/bin/python bench/boot.py [--runs 5] [--kernels trimmed,debian] [--sandboxes 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from hako import assets
+from hako.hypervisor import choose
+from hako.image.busybox import build_busybox_image
+from hako.image.store import ImageStore
+
+IMAGE = "hako.local/busybox:latest"
+PHASES = (
+    ("host_startup", "hako start-up (to QEMU launch)"),
+    ("qemu_start", "QEMU start"),
+    ("guest_kernel", "guest kernel"),
+    ("guest_userspace", "guest userspace (to agent ready)"),
+    ("python_start", "  of which: python start"),
+    ("agent_init", "  of which: agent init"),
+    ("boot_total", "boot total (QEMU launch to agent ready)"),
+    ("container_create", "container create"),
+    ("container_start", "container start"),
+    ("container_run", "container run (start to exit)"),
+    ("teardown", "teardown (VM stop)"),
+    ("total", "hako run --rm IMG true (in-process)"),
+    ("wall", "hako run --rm IMG true (wall, measured outside)"),
+)
+
+
+def hako_command() -> list[str]:
+    entry = Path(sys.executable).parent / "hako"
+    return [str(entry)] if entry.exists() else [sys.executable, "-m", "hako.cli.main"]
+
+
+def run_once(env: dict[str, str], kernel: str) -> dict[str, float]:
+    started = time.perf_counter()
+    result = subprocess.run(
+        [*hako_command(), "run", "--rm", "--kernel", kernel, "--timing-json", IMAGE, "true"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"hako run failed ({result.returncode}): {result.stderr.strip()}")
+    report = json.loads(result.stderr.strip().splitlines()[-1])
+    figures: dict[str, float] = report["timing"]
+    figures["wall"] = wall
+    return figures
+
+
+def pss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    raise SystemExit(f"no Pss for pid {pid}")
+
+
+def measure_memory(env: dict[str, str], count: int) -> tuple[float, float]:
+    """Median PSS (MiB) of an idle sandbox's QEMU and of its daemon, over ``count`` sandboxes."""
+    names = [f"mem{i}" for i in range(count)]
+    try:
+        for name in names:
+            subprocess.run(
+                [*hako_command(), "run", "-d", "--name", name, IMAGE, "sleep", "1000"],
+                env=env, check=True, capture_output=True,
+            )  # fmt: skip
+        time.sleep(3)  # let the guests settle (warm-up thread, page cache)
+        qemu, daemon = [], []
+        for directory in (Path(env["HAKO_RUN"]) / "sandboxes").iterdir():
+            state = json.loads((directory / "state.json").read_text())
+            qemu.append(pss_kib(state["qemu_pid"]) / 1024)
+            daemon.append(pss_kib(state["daemon_pid"]) / 1024)
+        return statistics.median(qemu), statistics.median(daemon)
+    finally:
+        subprocess.run([*hako_command(), "rm", "-f", *names], env=env, capture_output=True, check=False)
+
+
+def machine() -> str:
+    model = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        platform.processor(),
+    )  # fmt: skip
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=False)
+    return (
+        f"{platform.node()}: {os.cpu_count()} x {model}, {memory:.0f} GiB, {platform.system()} "
+        f"{platform.release()}; {qemu.stdout.splitlines()[0] if qemu.stdout else 'QEMU ?'}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5, help="runs per kernel (median reported)")
+    parser.add_argument("--kernels", default="trimmed,debian", help="comma-separated kernel kinds")
+    parser.add_argument("--sandboxes", type=int, default=3, help="idle sandboxes for the memory figure")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench/boot.py runs VMs: run it as root")
+    kernels = args.kernels.split(",")
+
+    scratch = Path(tempfile.mkdtemp(prefix="hako-bench-"))
+    env = {**os.environ, "HAKO_RUN": str(scratch / "run"), "HAKO_IMAGES": str(scratch / "images")}
+    try:
+        ImageStore(scratch / "images").import_path(build_busybox_image(scratch / "busybox"))
+        (scratch / "run").mkdir()
+        (scratch / "run" / "tcg-notice").touch()
+        accel = choose("auto")
+        print(f"machine: {machine()}")
+        print(f"accelerator: {accel.name.upper()} ({accel.reason})")
+        print(f"runs: {args.runs} per kernel, medians; image: {IMAGE}\n")
+
+        results: dict[str, list[dict[str, float]]] = {kernel: [] for kernel in kernels}
+        for _ in range(args.runs):  # interleaved, so drift in the machine's speed hits all alike
+            for kernel in kernels:
+                results[kernel].append(run_once(env, kernel))
+
+        width = max(len(label) for _, label in PHASES)
+        header = "".join(f"{kernel + ' kernel':>18}" for kernel in kernels)
+        print(f"{'phase (' + accel.name.upper() + ')':<{width}}{header}")
+        for key, label in PHASES:
+            cells = []
+            for kernel in kernels:
+                values = [run[key] for run in results[kernel] if key in run]
+                cells.append(f"{statistics.median(values) * 1000:15.0f} ms" if values else f"{'-':>18}")
+            print(f"{label:<{width}}{''.join(cells)}")
+
+        print()
+        for kernel in kernels:
+            image = assets.guest_image(kernel)
+            kernel_file = assets.kernel(kernel)
+            print(
+                f"{kernel} kernel: {kernel_file.release}, {kernel_file.path.stat().st_size / 1e6:.1f} MB; "
+                f"guest image: {image.format}, {image.size_bytes / 1e6:.1f} MB"
+            )
+        qemu, daemon = measure_memory(env, args.sandboxes)
+        print(
+            f"host memory per idle sandbox (trimmed kernel, median of {args.sandboxes}): "
+            f"QEMU {qemu:.1f} MiB + daemon {daemon:.1f} MiB = {qemu + daemon:.1f} MiB PSS"
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
