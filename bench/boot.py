@@ -41,10 +41,12 @@ PHASES = (
     ("python_start", "  of which: python start"),
     ("agent_init", "  of which: agent init"),
     ("boot_total", "boot total (QEMU launch to agent ready)"),
+    ("sandbox_setup", "sandbox setup (9p share)"),
     ("container_create", "container create"),
     ("container_start", "container start"),
     ("container_run", "container run (start to exit)"),
     ("teardown", "teardown (VM stop)"),
+    ("exit_seen", "container exit until hako returns"),
     ("total", "hako run --rm IMG true (in-process)"),
     ("wall", "hako run --rm IMG true (wall, measured outside)"),
 )

@@ -11,7 +11,7 @@ import pytest
 from hako.errors import ConfigError
 from hako.image.config import ImageConfig
 from hako.oci import defaults
-from hako.oci.spec import RunOptions, Volume, build_spec, merge_env, spec_for_guest
+from hako.oci.spec import RunOptions, Volume, build_spec, merge_env
 from hako.oci.users import ExecUser, resolve_user
 
 BUSYBOX = ImageConfig(cmd=("sh",), env=("PATH=/usr/sbin:/usr/bin:/sbin:/bin",))
@@ -267,7 +267,6 @@ def test_volumes_and_read_only_rootfs() -> None:
     assert mounts["/dev/shm"]["source"] == "/srv/shm"  # replaces the default /dev/shm tmpfs
     assert mounts["/dev/shm"]["options"][-1] == "rw"
     assert len(result["mounts"]) == len(defaults.mounts()) + 1
-    assert result["annotations"] == {"io.hako.volume.0": "/data", "io.hako.volume.1": "/dev/shm"}
 
 
 @pytest.mark.parametrize(
@@ -286,28 +285,6 @@ def test_volume_errors(volume: Volume, message: str) -> None:
 def test_duplicate_volume_destination() -> None:
     with pytest.raises(ConfigError, match="duplicate volume destination /data"):
         spec(RunOptions(volumes=[Volume("/a", "/data"), Volume("/b", "/data/")]))
-
-
-def test_spec_for_guest_rewrites_rootfs_and_volume_sources() -> None:
-    host = spec(RunOptions(volumes=[Volume("/srv/a", "/a"), Volume("/srv/b", "/b", read_only=True)]))
-    before = json.dumps(host, sort_keys=True)
-    guest = spec_for_guest(host, "/run/hako/shared/c1/rootfs", {0: "/run/hako/shared/c1/v0", 1: "/run/v1"})
-    assert json.dumps(host, sort_keys=True) == before  # the input is untouched
-    assert guest["root"]["path"] == "/run/hako/shared/c1/rootfs"
-    sources = {m["destination"]: m["source"] for m in guest["mounts"]}
-    assert sources["/a"] == "/run/hako/shared/c1/v0"
-    assert sources["/b"] == "/run/v1"
-    assert sources["/proc"] == "proc"
-
-
-def test_spec_for_guest_errors() -> None:
-    host = spec(RunOptions(volumes=[Volume("/srv/a", "/a")]))
-    with pytest.raises(ConfigError, match=r"volume 0 \(/a\) has no guest path"):
-        spec_for_guest(host, "/rootfs", {})
-    with pytest.raises(ConfigError, match="volume 3 is not in the spec"):
-        spec_for_guest(host, "/rootfs", {0: "/v0", 3: "/v3"})
-    with pytest.raises(ConfigError, match="must be absolute"):
-        spec_for_guest(host, "rootfs", {0: "/v0"})
 
 
 def _bundle_spec() -> dict[str, Any]:

@@ -31,11 +31,19 @@ boots; bench/image_formats.py)::
     initramfs, lz4       9.9 MB                 1.37 s  2.54 s         2.70 s  1.26 s
     initramfs, gzip      8.6 MB (11 boots)      2.03 s  3.34 s         3.51 s  1.92 s
 
-erofs reaches /init 0.25 s sooner (nothing to unpack) and pays part of it back in the imports
-(pages come from virtio-blk); it is also the better citizen: the guest keeps no 21 MB copy of the
-image in RAM (and in snapshots), and every VM shares the host's page cache of one file. So erofs
-is the default for the trimmed kernel; the debian kernel can only use an initramfs, left
-uncompressed (lz4 made no measurable difference there either: 5.13 s vs 5.07 s to exit).
+With the stub, erofs reaches /init 0.25 s sooner (nothing to unpack). With the real agent the
+order flips: Python's start and imports fault their pages in over virtio-blk, which costs more than
+the unpack saves. Measured with the agent (``hako run --rm IMG true``, 8 interleaved pairs, medians,
+same machine and accelerator)::
+
+    image       guest kernel  python start  agent init  boot total  whole command
+    erofs       1.08 s        0.75 s        1.07 s      3.22 s      4.05 s
+    initramfs   1.28 s        0.61 s        0.86 s      2.99 s      3.85 s
+
+So the initramfs (uncompressed) is the default for both kernels, chosen by that measurement; erofs
+stays buildable (``--format erofs``): it keeps no full copy of the image in guest RAM, which may
+matter more once VM templates share guest memory. The debian kernel can only use an initramfs
+(lz4 made no measurable difference there either: 5.13 s vs 5.07 s to exit).
 """
 
 from __future__ import annotations
@@ -65,7 +73,7 @@ __all__ = [
 ]
 
 # The default image format per kernel, and the initramfs compression (measured: module docstring).
-DEFAULT_FORMAT = {"trimmed": "erofs", "debian": "initramfs"}
+DEFAULT_FORMAT = {"trimmed": "initramfs", "debian": "initramfs"}
 INITRAMFS_COMPRESSION = "none"
 KEEP_IMAGES = 2  # per (kernel, format, compression, agent or stub /init): older ones are deleted
 _HINT = "run `hako assets build` (or `python -m hako.assets build`)"

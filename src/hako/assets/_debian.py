@@ -32,7 +32,7 @@ from hako.errors import AssetError
 from . import _cache, _debs, _modules
 from ._progress import Reporter
 from ._run import run
-from ._types import Kernel
+from ._types import BASE_CMDLINE, Kernel
 
 RECIPE = "debian-2"
 METAPACKAGE = "linux-image-amd64"
@@ -58,11 +58,7 @@ NEEDED_MODULES = (
 # No lpj= (see _trimmed.CMDLINE). The i8042 args skip probing for a PS/2 controller microvm does
 # not have (~0.5 s under TCG).
 CMDLINE = (
-    "console=ttyS0",
-    "quiet",
-    "panic=-1",
-    "reboot=t",
-    "random.trust_cpu=on",
+    *BASE_CMDLINE,
     "i8042.noaux",
     "i8042.nokbd",
     "i8042.nopnp",

@@ -25,7 +25,7 @@ from hako.errors import AssetError
 from . import _cache, _debs, _kconfig
 from ._progress import Reporter
 from ._run import need_tool, run
-from ._types import Kernel
+from ._types import BASE_CMDLINE, Kernel
 
 RECIPE = "trimmed-1"
 SOURCE_PACKAGE = "linux-source-6.1"
@@ -37,13 +37,7 @@ EXPECTED_OBJECTS = 1030
 # hosts. no_timer_check, pci=off, tsc=reliable and 8250.nr_uarts=1 (built in) measured no gain
 # either; mitigations=off would save ~0.1-0.5 s under TCG but is not acceptable (one kernel, many
 # containers). Under TCG add Kernel.cmdline_for("tcg").
-CMDLINE = (
-    "console=ttyS0",
-    "quiet",
-    "panic=-1",
-    "reboot=t",
-    "random.trust_cpu=on",
-)
+CMDLINE = BASE_CMDLINE
 # acpi=off: this kernel has no ACPI, and without it QEMU appends the virtio_mmio.device=... args of
 # the attached devices to the command line. rtc=on: without an RTC the kernel spins 1 s (100 x 10 ms)
 # waiting for the CMOS clock at boot under TCG (under KVM it reads kvmclock instead).

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KERNEL_KINDS = ("trimmed", "debian")
+# Kernel arguments every guest kernel gets (see _trimmed.py and _debian.py for why each).
+BASE_CMDLINE = ("console=ttyS0", "quiet", "panic=-1", "reboot=t", "random.trust_cpu=on")
 IMAGE_FORMATS = ("initramfs", "erofs")
 
 

@@ -178,12 +178,14 @@ def _foreground(args: argparse.Namespace, state: SandboxState, agent: Any, notif
         agent.start_container(state.id)
         attachment.start_input()
         status: int = agent.wait_process(state.id)
+        exit_seen = time.monotonic()
         attachment.finish_output()
     agent.close()
     final = _final(notify)
     if args.timing or args.timing_json:
         figures = dict(final.get("timing", {})) if final else {}
         figures["host_startup"] = args.startup
+        figures["exit_seen"] = time.monotonic() - exit_seen
         figures["total"] = process_age()
         if args.timing_json:
             report = {"accel": state.accel, "kernel": state.kernel, "timing": figures}

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hako.errors import ImageError
+from hako.image.manifest import parse_json
 
 PLATFORM_OS = "linux"
 PLATFORM_ARCH = "amd64"
@@ -31,13 +32,7 @@ class ImageConfig:
     @classmethod
     def from_json(cls, data: bytes | str, what: str = "image config") -> ImageConfig:
         """Parse an OCI (or Docker) image config document and check it is for linux/amd64."""
-        try:
-            document = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ImageError(f"{what}: invalid JSON: {err}") from err
-        if not isinstance(document, dict):
-            raise ImageError(f"{what}: expected a JSON object")
-        return cls.from_document(document, what)
+        return cls.from_document(parse_json(data.encode() if isinstance(data, str) else data, what), what)
 
     @classmethod
     def from_document(cls, document: dict[str, Any], what: str = "image config") -> ImageConfig:

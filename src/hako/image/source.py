@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO
 
 from hako.errors import ImageError
+from hako.image.layer import member_parts
 
 MAX_JSON = 8 << 20
 _MAX_LINK_HOPS = 16
@@ -24,17 +25,10 @@ _MAX_LINK_HOPS = 16
 
 def _normalise(name: str) -> str | None:
     """Archive-relative name without ``.``/empty parts; None if it climbs out with ``..``."""
-    parts: list[str] = []
-    for part in name.split("/"):
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if not parts:
-                return None
-            parts.pop()
-        else:
-            parts.append(part)
-    return "/".join(parts)
+    try:
+        return "/".join(member_parts(name, "archive"))
+    except ImageError:
+        return None
 
 
 class ImageSource(abc.ABC):

@@ -27,7 +27,6 @@ from hako.oci import defaults
 from hako.oci.users import ExecUser, resolve_user
 from hako.oci.validate import validate_spec
 
-VOLUME_ANNOTATION_PREFIX = "io.hako.volume."
 MIN_MEMORY = 6 * 1024 * 1024  # Docker's minimum
 MIN_CPU_QUOTA = 1000  # the kernel refuses a CFS quota under 1 ms
 _CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -253,7 +252,6 @@ def _add_volumes(spec: dict[str, Any], volumes: Sequence[Volume]) -> None:
         return
     # A volume replaces a default mount at the same place, as in Docker.
     mounts = [m for m in spec.get("mounts") or [] if _clean(m["destination"]) not in destinations]
-    annotations = spec.setdefault("annotations", {})
     for destination, i in destinations.items():
         volume = volumes[i]
         mounts.append(
@@ -264,7 +262,6 @@ def _add_volumes(spec: dict[str, Any], volumes: Sequence[Volume]) -> None:
                 "options": ["rbind", "rprivate", "ro" if volume.read_only else "rw"],
             }
         )
-        annotations[f"{VOLUME_ANNOTATION_PREFIX}{i}"] = destination
     spec["mounts"] = mounts
 
 
@@ -284,41 +281,3 @@ def _add_resources(resources: dict[str, Any], options: RunOptions) -> None:
         if options.pids_limit <= 0:
             raise ConfigError(f"pids limit must be a positive number, got {options.pids_limit}")
         resources["pids"] = {"limit": options.pids_limit}
-
-
-def volume_destinations(spec: Mapping[str, Any]) -> dict[int, str]:
-    """Volume index (position in RunOptions.volumes) -> container path, from the spec's annotations."""
-    result = {}
-    for key, value in (spec.get("annotations") or {}).items():
-        if key.startswith(VOLUME_ANNOTATION_PREFIX) and key[len(VOLUME_ANNOTATION_PREFIX) :].isdigit():
-            result[int(key[len(VOLUME_ANNOTATION_PREFIX) :])] = value
-    return result
-
-
-def spec_for_guest(
-    spec: Mapping[str, Any], rootfs_guest_path: str, volume_guest_paths: Mapping[int, str]
-) -> dict[str, Any]:
-    """A copy of ``spec`` with root.path and each volume's bind source set to guest paths.
-
-    ``volume_guest_paths`` maps a volume's index in ``RunOptions.volumes`` to where the guest sees
-    its shared copy; every volume must be given one. Pure: no I/O.
-    """
-    if not rootfs_guest_path.startswith("/"):
-        raise ConfigError(f"guest rootfs path {rootfs_guest_path!r} must be absolute")
-    result = copy.deepcopy(dict(spec))
-    result["root"]["path"] = rootfs_guest_path
-    volumes = volume_destinations(result)
-    for index, guest_path in volume_guest_paths.items():
-        if index not in volumes:
-            raise ConfigError(f"volume {index} is not in the spec (it has {len(volumes)} volumes)")
-        if not guest_path.startswith("/"):
-            raise ConfigError(f"guest path {guest_path!r} of volume {index} must be absolute")
-    by_destination = {}
-    for index, destination in volumes.items():
-        if index not in volume_guest_paths:
-            raise ConfigError(f"volume {index} ({destination}) has no guest path")
-        by_destination[destination] = volume_guest_paths[index]
-    for mount in result.get("mounts") or []:
-        if mount.get("type") == "bind" and mount.get("destination") in by_destination:
-            mount["source"] = by_destination[mount["destination"]]
-    return result

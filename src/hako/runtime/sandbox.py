@@ -89,6 +89,7 @@ class Sandbox:
         agent.create_sandbox(
             self.config.sandbox_id, self.config.hostname, storages=[share], time_unix_ns=time.time_ns()
         )
+        self.timing["sandbox_setup"] = time.monotonic() - answered
         if self.config.watchdog_interval > 0:
             threading.Thread(target=self._watchdog, daemon=True, name="vm-watchdog").start()
 

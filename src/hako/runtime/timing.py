@@ -7,6 +7,7 @@
       python_start     of which: the interpreter starting, until the agent's main()
       agent_init       of which: the agent's own setup, until it serves
     boot_total       launch of QEMU until the agent answered (host clock)
+    sandbox_setup    the agent setting up the sandbox (hostname, clock, the shared directory over 9p)
     container_create, container_start, container_run (start until exit seen), teardown
 
 qemu_start is derived: host time to the agent's answer minus the guest uptime
@@ -25,10 +26,12 @@ ORDER = (
     ("python_start", "  python start"),
     ("agent_init", "  agent init"),
     ("boot_total", "boot total (launch to agent ready)"),
+    ("sandbox_setup", "sandbox setup (9p share)"),
     ("container_create", "container create"),
     ("container_start", "container start"),
     ("container_run", "container run (start to exit)"),
     ("teardown", "teardown"),
+    ("exit_seen", "container exit until hako returns"),
     ("total", "total (command wall time)"),
 )
 
