@@ -36,6 +36,21 @@ def test_tcg_notice_is_given_once(hako: Hako) -> None:
         assert second.stderr == ""
 
 
+def test_check_reports_the_host(hako: Hako) -> None:
+    result = hako("check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "accelerator (auto): " in result.stdout
+    assert "KVM: " in result.stdout and "QEMU: " in result.stdout
+    assert "asset: kernel/trimmed" in result.stdout
+
+
+def test_an_image_tar_runs_directly(hako: Hako, tmp_path: Path) -> None:
+    built = hako("image", "busybox", str(tmp_path / "bb"), "--tar", check=True).stdout.strip()
+    assert built.endswith(".tar")
+    result = hako("run", "--rm", built, "echo", "from a tar", check=True)
+    assert result.stdout == "from a tar\n"
+
+
 def test_exit_code_is_the_commands(hako: Hako) -> None:
     assert hako("run", "--rm", BUSYBOX, "sh", "-c", "exit 3").returncode == 3
 

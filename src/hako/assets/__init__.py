@@ -17,7 +17,7 @@ virtio_blk and erofs being modules) and ``initramfs`` (cpio, optionally gzip/lz4
 :mod:`hako.assets._image` for what the image holds and :mod:`hako.assets._cache` for the layout.
 
 Everything is cached under ``$HAKO_CACHE`` (default /var/cache/hako), keyed by its inputs, built by
-``python -m hako.assets build`` (or ``build=True``). Lookups without ``build`` never run apt or
+``hako assets build`` (or ``build=True``). Lookups without ``build`` never run apt or
 make: they raise AssetError when the asset for the current inputs is missing.
 
 Format choice, measured (TCG, QEMU 7.2 microvm, -cpu max, 1 vCPU, 256 MiB, trimmed kernel, args
@@ -76,7 +76,7 @@ __all__ = [
 DEFAULT_FORMAT = {"trimmed": "initramfs", "debian": "initramfs"}
 INITRAMFS_COMPRESSION = "none"
 KEEP_IMAGES = 2  # per (kernel, format, compression, agent or stub /init): older ones are deleted
-_HINT = "run `hako assets build` (or `python -m hako.assets build`)"
+_HINT = "run `hako assets build`"
 
 
 def _check_kind(kind: str) -> None:
@@ -211,11 +211,13 @@ def status() -> list[AssetStatus]:
             if kind == "debian" and fmt == "erofs":
                 continue
             name = f"image/{kind}/{fmt}"
+            required = fmt == DEFAULT_FORMAT[kind]
             try:
                 img = guest_image(kind, format=fmt)
             except AssetError:
-                hint = f"run `python -m hako.assets build --kernel {kind} --format {fmt}`"
-                rows.append(AssetStatus(name, False, None, 0, hint))
+                hint = f"run `hako assets build --kernel {kind} --format {fmt}`"
+                rows.append(AssetStatus(name, False, None, 0, hint, required))
                 continue
-            rows.append(AssetStatus(name, True, img.path, img.size_bytes, "from the current guest sources"))
+            detail = "from the current guest sources"
+            rows.append(AssetStatus(name, True, img.path, img.size_bytes, detail, required))
     return rows

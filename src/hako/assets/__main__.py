@@ -1,4 +1,5 @@
-"""``python -m hako.assets build [--kernel trimmed|debian|all] [--format F]`` and ``... status``."""
+"""``hako assets build [--kernel trimmed|debian|all] [--format F]`` and ``hako assets status``
+(also ``python -m hako.assets ...``)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,7 @@ from . import IMAGE_FORMATS, KERNEL_KINDS, guest_image, kernel, status
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m hako.assets", description="Build or list hako's guest assets."
-    )
+    parser = argparse.ArgumentParser(prog="hako assets", description="Build or list hako's guest assets.")
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser(
         "build", help="build the guest kernels and images (cached; rebuilt when inputs change)"
@@ -42,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{kind}: image {img.format} {img.size_bytes / 1e6:.1f} MB {img.path}")
         else:
             for row in status():
-                where = f"{row.path} ({row.size_bytes / 1e6:.1f} MB)" if row.built else "not built"
-                print(f"{row.name:34} {where}  {row.detail}")
+                print(row)
     except HakoError as e:
         print(f"hako assets: {e}", file=sys.stderr)
         return e.exit_code

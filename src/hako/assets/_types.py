@@ -63,6 +63,12 @@ class AssetStatus:
     path: Path | None
     size_bytes: int
     detail: str  # release, or what to run to build it
+    required: bool = True  # `hako run` needs it (the kernels and each kernel's default image)
+
+    def __str__(self) -> str:
+        where = f"{self.path} ({self.size_bytes / 1e6:.1f} MB)" if self.built else "not built"
+        optional = "" if self.required else " (optional)"
+        return f"{self.name + optional:45} {where}  {self.detail}"
 
 
 @functools.cache

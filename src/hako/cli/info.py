@@ -23,13 +23,9 @@ def add_parsers(commands: Any) -> None:
     p = commands.add_parser("check", help="what this host offers hako")
     p.set_defaults(func=check)
 
-    p = commands.add_parser("assets", help="build or inspect the guest kernel and image")
-    sub = p.add_subparsers(dest="assets_command", required=True)
-    b = sub.add_parser("build", help="build what is missing (cached)")
-    b.add_argument("--kernel", choices=("trimmed", "debian", "all"), default="all")
-    b.set_defaults(func=assets_build)
-    s = sub.add_parser("status", help="what is built")
-    s.set_defaults(func=assets_status)
+    p = commands.add_parser("assets", help="build or inspect the guest kernels and images", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="build [--kernel K] [--format F] | status")
+    p.set_defaults(func=assets_command)
 
     p = commands.add_parser("image", help="manage images")
     sub = p.add_subparsers(dest="image_command", required=True)
@@ -72,22 +68,16 @@ def check(args: argparse.Namespace) -> int:
     print(f"running as root: {'yes' if os.geteuid() == 0 else 'no (hako run needs root)'}")
     for status in assets.status():
         print(f"asset: {status}")
-        ok = ok and status.built
+        ok = ok and (status.built or not status.required)
     if not ok:
         print("to set up: apt-get install qemu-system-x86, then `hako assets build`", file=sys.stderr)
     return 0 if ok else 1
 
 
-def assets_build(args: argparse.Namespace) -> int:
-    kinds = ("trimmed", "debian") if args.kernel == "all" else (args.kernel,)
-    assets.build_all(kinds)
-    return 0
+def assets_command(args: argparse.Namespace) -> int:
+    from hako.assets.__main__ import main as assets_main
 
-
-def assets_status(args: argparse.Namespace) -> int:
-    for status in assets.status():
-        print(status)
-    return 0
+    return assets_main(args.args)
 
 
 def image_import(args: argparse.Namespace) -> int:

@@ -45,6 +45,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
+    words = sys.argv[1:] if argv is None else argv
+    if words[:1] == ["assets"]:  # a command line of its own (also `python -m hako.assets`)
+        from hako.assets.__main__ import main as assets_main
+
+        sys.exit(assets_main(words[1:]))
     args = build_parser(argv).parse_args(argv)
     try:
         code = args.func(args)
