@@ -20,8 +20,9 @@ executed, 127 when it is not found.
     ├── AgentError             the guest agent failed a request
     ├── SandboxError
     │   └── SandboxNotFound
-    ├── ContainerError
-    │   └── ContainerNotFound
+    ├── ContainerError         a container or process in the wrong state for the request
+    │   ├── ContainerNotFound
+    │   └── ContainerExists
     └── ExecError              the container's command could not be executed
         ├── ExecNotFound       exit 127
         └── ExecNotExecutable  exit 126
@@ -97,6 +98,10 @@ class ContainerError(HakoError):
 
 
 class ContainerNotFound(ContainerError):
+    pass
+
+
+class ContainerExists(ContainerError):
     pass
 
 

@@ -118,6 +118,12 @@ class QemuVM(Hypervisor):
 
     # -- VM manager ----------------------------------------------------------------------------
     def start(self) -> None:
+        """Launch QEMU from a thread that lives exactly as long as QEMU does.
+
+        The kernel sends the parent-death signal when the *thread* that forked a
+        child exits, not the process; so QEMU is started by its own watcher thread,
+        and the caller may be any thread (a ttRPC handler, say) that ends soon after.
+        """
         binary = find_qemu()
         run = self.config.run_dir
         run.mkdir(parents=True, exist_ok=True)
@@ -125,31 +131,44 @@ class QemuVM(Hypervisor):
         agent_host, agent_vm = socket.socketpair()
         argv = build_argv(binary, self.config, qmp_vm.fileno(), agent_vm.fileno())
         (run / "qemu.cmdline").write_text(" ".join(argv) + "\n")
-        log = open(run / "qemu.log", "wb")  # noqa: SIM115 - handed to the child, closed below
-        try:
-            self.launched_at = time.monotonic()
-            self._process = subprocess.Popen(
-                _die_with_parent() + argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                pass_fds=(qmp_vm.fileno(), agent_vm.fileno()),
-            )
-        except OSError as exc:
-            for sock in (qmp_host, qmp_vm, agent_host, agent_vm):
-                sock.close()
-            raise HypervisorError(f"cannot start {binary}: {exc.strerror}") from exc
-        finally:
-            log.close()
+        launched = threading.Event()
+        failure: list[OSError] = []
+        thread = threading.Thread(
+            target=self._launch_and_watch,
+            args=(argv, (qmp_vm.fileno(), agent_vm.fileno()), launched, failure),
+            daemon=True,
+            name="qemu-watch",
+        )
+        thread.start()
+        launched.wait()
         qmp_vm.close()
         agent_vm.close()
+        if failure:
+            qmp_host.close()
+            agent_host.close()
+            raise HypervisorError(f"cannot start {binary}: {failure[0].strerror}") from failure[0]
         self._agent = agent_host
         self._qmp_sock = qmp_host
-        threading.Thread(target=self._watch, daemon=True, name="qemu-watch").start()
         threading.Thread(target=self._connect_qmp, daemon=True, name="qmp-connect").start()
 
-    def _watch(self) -> None:
-        assert self._process is not None
+    def _launch_and_watch(
+        self, argv: list[str], fds: tuple[int, ...], launched: threading.Event, failure: list[OSError]
+    ) -> None:
+        try:
+            with open(self.config.run_dir / "qemu.log", "wb") as log:
+                self.launched_at = time.monotonic()
+                self._process = subprocess.Popen(
+                    _die_with_parent() + argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    pass_fds=fds,
+                )
+        except OSError as exc:
+            failure.append(exc)
+            return
+        finally:
+            launched.set()
         self._process.wait()
         self.exited.set()
         self._qmp_ready.set()  # nobody waits for a monitor that will never come

@@ -55,11 +55,19 @@ DIRECTORIES = {
 def build_busybox_image(out: Path, *, tar: bool = False, name: str = DEFAULT_NAME) -> Path:
     """Write the image layout to ``out`` (replacing a layout already there); return ``out``,
     or with ``tar`` the tar of it written beside it as ``<out>.tar``."""
+    return build_image_from_busybox(out, tar=tar, name=name, title="busybox", process={"Cmd": ["sh"]})
+
+
+def build_image_from_busybox(
+    out: Path, *, tar: bool, name: str, title: str, process: dict[str, list[str]]
+) -> Path:
+    """Like :func:`build_busybox_image`, with the same layer, for an image whose config titles it
+    ``title`` and whose ``process`` (``Entrypoint`` and/or ``Cmd``) is given (``hako.image.pause``)."""
     out = Path(out)
     with _debian_busybox() as (binary, version):
         applets = _applets(binary)
         layer = _layer_tar(binary, applets)
-    _write_layout(out, layer, version, name)
+    _write_layout(out, layer, version, name, title, process)
     if not tar:
         return out
     tar_path = out.with_name(out.name + ".tar")
@@ -193,7 +201,9 @@ def _descriptor(media_type: str, data: bytes) -> dict[str, Any]:
     return {"mediaType": media_type, "digest": digest, "size": len(data)}
 
 
-def _write_layout(out: Path, layer_tar: bytes, version: str, name: str) -> None:
+def _write_layout(
+    out: Path, layer_tar: bytes, version: str, name: str, title: str, process: dict[str, list[str]]
+) -> None:
     layer = _gzip(layer_tar)
     config = _canonical(
         {
@@ -202,9 +212,9 @@ def _write_layout(out: Path, layer_tar: bytes, version: str, name: str) -> None:
             "os": "linux",
             "config": {
                 "Env": [ENV_PATH],
-                "Cmd": ["sh"],
+                **process,
                 "Labels": {
-                    "org.opencontainers.image.title": "busybox",
+                    "org.opencontainers.image.title": title,
                     "org.opencontainers.image.version": version,
                     "org.opencontainers.image.source": f"Debian package {PACKAGE} {version}",
                 },

@@ -130,6 +130,17 @@ class AgentClient:
         )
         return response
 
+    def pause_container(self, container_id: str) -> None:
+        self._call("PauseContainer", pb.ContainerRequest(container_id=container_id), 30)
+
+    def resume_container(self, container_id: str) -> None:
+        self._call("ResumeContainer", pb.ContainerRequest(container_id=container_id), 30)
+
+    def update_container(self, container_id: str, resources: bytes) -> None:
+        """``resources``: OCI linux.resources as JSON."""
+        request = pb.UpdateContainerRequest(container_id=container_id, resources=resources)
+        self._call("UpdateContainer", request, 30)
+
     def list_processes(self, container_id: str) -> list[int]:
         response: pb.ListProcessesResponse = self._call(
             "ListProcesses", pb.ContainerRequest(container_id=container_id), 10

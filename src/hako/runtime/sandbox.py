@@ -169,11 +169,15 @@ class Sandbox:
             raise SandboxError("the sandbox is not ready")
         return self.agent
 
-    def add_container(self, container_id: str, spec: Mapping[str, Any], stdin: bool) -> None:
+    def add_container(
+        self, container_id: str, spec: Mapping[str, Any], stdin: bool, *, rootfs_writable: bool = False
+    ) -> None:
         """Share the container's rootfs and volumes with the guest, then create it there.
 
-        ``spec`` is an OCI runtime spec with HOST paths: root.path is the image's
-        (read-only) rootfs, bind mounts name host sources.
+        ``spec`` is an OCI runtime spec with HOST paths; bind mounts name host sources.
+        root.path is the image's read-only rootfs, which gets a writable overlay of
+        the sandbox's own; or, with ``rootfs_writable`` (containerd's snapshot), a
+        rootfs that is shared as it is.
         """
         started = time.monotonic()
         agent = self._need_agent()
@@ -183,7 +187,7 @@ class Sandbox:
                 raise SandboxError(f"container {container_id} already exists in this sandbox")
             self._containers[container_id] = container
         try:
-            guest_spec = self._share(container, spec)
+            guest_spec = self._share(container, spec, rootfs_writable)
             agent.create_container(container_id, guest_spec, stdin)
         except BaseException:
             with self._lock:
@@ -192,7 +196,7 @@ class Sandbox:
             raise
         self.timing["container_create"] = time.monotonic() - started
 
-    def _share(self, container: _Container, spec: Mapping[str, Any]) -> dict[str, Any]:
+    def _share(self, container: _Container, spec: Mapping[str, Any], rootfs_writable: bool) -> dict[str, Any]:
         host_dir = self.shared_dir / container.id
         guest_dir = f"{GUEST_SHARED}/{container.id}"
         work = self.config.run_dir / "containers" / container.id
@@ -201,7 +205,10 @@ class Sandbox:
         if not lower.is_dir():
             raise SandboxError(f"container rootfs {lower} is not a directory")
         rootfs = host_dir / "rootfs"
-        mounts.overlay(lower, work / "upper", work / "work", rootfs)
+        if rootfs_writable:
+            mounts.bind(lower, rootfs)
+        else:
+            mounts.overlay(lower, work / "upper", work / "work", rootfs)
         container.mounts.append(rootfs)
         guest_spec["root"] = {**spec["root"], "path": f"{guest_dir}/rootfs"}
         for index, mount in enumerate(guest_spec.get("mounts", [])):

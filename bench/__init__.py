@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print tables (run them as ``sudo .venv/bin/python bench/NAME.py``)."""

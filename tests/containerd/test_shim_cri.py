@@ -1,0 +1,85 @@
+"""The Kubernetes path: containerd's CRI plugin runs a pod with runtime handler ``hako`` (and,
+to prove the test itself, ``runc``), driven as kubelet drives it, through CRI v1 gRPC.
+
+A pod is one sandbox: with hako, one VM in which the pause container and the pod's
+containers all run. After StopPodSandbox + RemovePodSandbox nothing of it remains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.containerd.cri import Cri
+from tests.containerd.harness import CRI_NAMESPACE, PAUSE, Containerd, Runtime
+
+pytestmark = pytest.mark.integration
+
+BOOT_ID = ["cat", "/proc/sys/kernel/random/boot_id"]
+
+
+@pytest.fixture
+def cri(containerd: Containerd) -> Iterator[Cri]:
+    client = Cri(containerd)
+    yield client
+    problems = client.close() + containerd.sweep([CRI_NAMESPACE])
+    assert not problems, "the test left behind:\n" + "\n".join(problems)
+
+
+def test_cri_answers(cri: Cri) -> None:
+    assert cri.version().runtime_api_version == "v1"
+    conditions = {c.type: c.status for c in cri.status().status.conditions}
+    # No CNI plugin here: only host-network pods can run, and the CRI plugin says so.
+    assert conditions == {"RuntimeReady": True, "NetworkReady": False}
+
+
+def test_pod_with_two_containers(cri: Cri, containerd: Containerd, runtime: Runtime) -> None:
+    host_boot_id = Path("/proc/sys/kernel/random/boot_id").read_text()
+    pod_config = cri.pod_config(f"pod-{runtime.name}")
+    pod_id = cri.run_pod(pod_config, handler=runtime.name)
+    cri.wait_for_pod_ready(pod_id)
+    if runtime.vm:
+        assert len(containerd.qemus()) == 1, containerd.qemus()
+
+    containers = []
+    for name in ("first", "second"):
+        container_id = cri.create_container(pod_id, pod_config, name, ["sleep", "1000"])
+        cri.start_container(container_id)
+        containers.append(container_id)
+    for container_id in containers:
+        assert cri.container_state(container_id) == 1  # CONTAINER_RUNNING
+
+    # Both containers run in the pod's one sandbox: with hako one VM, with runc the host.
+    boot_ids = set()
+    for container_id in containers:
+        result = cri.exec_sync(container_id, BOOT_ID)
+        assert result.exit_code == 0, result.stderr
+        boot_ids.add(result.stdout.decode())
+    assert len(boot_ids) == 1
+    assert (boot_ids.pop() != host_boot_id) == runtime.vm
+    if runtime.vm:
+        qemus = containerd.qemus()
+        assert len(qemus) == 1, qemus  # one VM for the pause container and both containers
+    assert len(containerd.shims(runtime)) == 1  # one shim per pod
+
+    hi = cri.exec_sync(containers[0], ["echo", "hi"])
+    assert (hi.stdout, hi.stderr, hi.exit_code) == (b"hi\n", b"", 0)
+    failed = cri.exec_sync(containers[1], ["sh", "-c", "exit 4"])
+    assert failed.exit_code == 4
+
+    # The sandbox container runs the local pause image.
+    ctr = containerd.ctr(CRI_NAMESPACE)
+    info = ctr("container", "info", pod_id, check=True).stdout
+    assert PAUSE in info
+
+    cri.stop_pod(pod_id)
+    cri.remove_pod(pod_id)
+    assert cri.list_pods() == []
+    assert cri.list_containers() == []
+    problems = containerd.sweep([CRI_NAMESPACE])
+    assert problems == []  # no QEMU, no shim, no mount, no socket, no state
+    assert containerd.qemus() == []
+    assert containerd.shims() == []
+    assert containerd.mounts() == []
