@@ -2,9 +2,9 @@
 
 Our own .proto files live next to their package (``src/<package>/``) and are
 compiled in place. containerd's come from Debian's
-``golang-github-containerd-containerd-dev`` (and the cgroups and gogo packages it
-depends on) under /usr/share/gocode/src: they are staged in a temporary tree
-with their import paths moved under ``hako_containerd/`` (protoc derives Python
+``golang-github-containerd-containerd-dev`` (and the cgroups package it depends
+on) under /usr/share/gocode/src: they are staged in a temporary tree, without
+their gogoproto options, with their import paths moved under ``hako_containerd/`` (protoc derives Python
 module names from paths, and ``github.com`` is not a Python name), then
 compiled into ``src/hako_containerd/``. Message and service names are not
 touched: they are what containerd speaks. Generated files are not committed.
@@ -34,10 +34,26 @@ CONTAINERD_PROTOS = (
 PATH_PREFIXES = (
     ("github.com/containerd/containerd/", "hako_containerd/containerd/"),
     ("github.com/containerd/cgroups/", "hako_containerd/cgroups/"),
-    ("github.com/gogo/protobuf/gogoproto/", "hako_containerd/gogoproto/"),
-    ("gogoproto/", "hako_containerd/gogoproto/"),
 )
 IMPORT = re.compile(r'^(\s*import\s+(?:weak\s+|public\s+)?)"([^"]+)";', re.MULTILINE)
+# gogoproto's options steer Go code generation only. They are dropped rather than compiled:
+# other Python packages (the CRI API's) register their own gogo.proto in protobuf's default
+# pool, and two files defining the same extensions cannot live in one process.
+GOGO_IMPORT = re.compile(
+    r'^\s*import\s+(?:weak\s+|public\s+)?"[^"]*gogoproto/gogo\.proto";[^\n]*\n', re.MULTILINE
+)
+GOGO_OPTION_LINE = re.compile(r"^\s*option\s+\(gogoproto\.\w+\)\s*=\s*[^;]+;[^\n]*\n", re.MULTILINE)
+GOGO_FIELD_OPTION = re.compile(r'\(gogoproto\.\w+\)\s*=\s*(?:"(?:[^"\\]|\\.)*"|[\w.]+)')
+EMPTY_OPTIONS = re.compile(r"\s*\[[\s,]*\]")
+
+
+def strip_gogo(text: str) -> str:
+    text = GOGO_OPTION_LINE.sub("", GOGO_IMPORT.sub("", text))
+    text = GOGO_FIELD_OPTION.sub("", text)
+    text = re.sub(r"\[\s*,[\s,]*", "[", text)
+    text = re.sub(r",[\s,]*\]", "]", text)
+    text = re.sub(r",\s*,", ",", text)
+    return EMPTY_OPTIONS.sub("", text)
 
 
 def _protoc(include: Path, *args: str) -> None:
@@ -68,7 +84,7 @@ def compile_containerd() -> None:
     if not (GOCODE / CONTAINERD_PROTOS[0]).exists():
         print(
             "warning: containerd's .proto files are missing (apt-get install "
-            "golang-github-containerd-containerd-dev golang-github-gogo-protobuf-dev); "
+            "golang-github-containerd-containerd-dev); "
             "containerd-shim-hako-v2 will not work",
             file=sys.stderr,
         )
@@ -81,10 +97,9 @@ def compile_containerd() -> None:
             target = _staged_path(path)
             if path.startswith("google/protobuf/") or target in staged:
                 continue
-            source = GOCODE / path
-            if not source.exists():
-                source = GOCODE / "github.com/gogo/protobuf" / path
-            text = source.read_text()
+            text = strip_gogo((GOCODE / path).read_text())
+            if "gogoproto" in text:
+                raise SystemExit(f"{path}: a gogoproto option was left after stripping them")
             todo += [match.group(2) for match in IMPORT.finditer(text)]
             text = IMPORT.sub(lambda m: f'{m.group(1)}"{_staged_path(m.group(2))}";', text)
             (stage / target).parent.mkdir(parents=True, exist_ok=True)

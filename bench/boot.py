@@ -57,10 +57,12 @@ def hako_command() -> list[str]:
     return [str(entry)] if entry.exists() else [sys.executable, "-m", "hako.cli.main"]
 
 
-def run_once(env: dict[str, str], kernel: str) -> dict[str, float]:
+def run_once(env: dict[str, str], kernel: str, template: str = "off") -> dict[str, float]:
+    """One ``hako run --rm IMG true``: its timing breakdown, and its wall time as ``wall``."""
+    argv = [*hako_command(), "run", "--rm", f"--template={template}", "--kernel", kernel]
     started = time.perf_counter()
     result = subprocess.run(
-        [*hako_command(), "run", "--rm", "--kernel", kernel, "--timing-json", IMAGE, "true"],
+        [*argv, "--timing-json", IMAGE, "true"],
         capture_output=True,
         text=True,
         env=env,
@@ -82,15 +84,14 @@ def pss_kib(pid: int) -> int:
     raise SystemExit(f"no Pss for pid {pid}")
 
 
-def measure_memory(env: dict[str, str], count: int) -> tuple[float, float]:
-    """Median PSS (MiB) of an idle sandbox's QEMU and of its daemon, over ``count`` sandboxes."""
+def measure_memory(env: dict[str, str], count: int, template: str = "off") -> tuple[float, float]:
+    """Median PSS (MiB) of an idle sandbox's QEMU and of its daemon, over ``count`` sandboxes
+    running at the same time."""
     names = [f"mem{i}" for i in range(count)]
     try:
         for name in names:
-            subprocess.run(
-                [*hako_command(), "run", "-d", "--name", name, IMAGE, "sleep", "1000"],
-                env=env, check=True, capture_output=True,
-            )  # fmt: skip
+            argv = [*hako_command(), "run", "-d", f"--template={template}", "--name", name]
+            subprocess.run([*argv, IMAGE, "sleep", "1000"], env=env, check=True, capture_output=True)
         time.sleep(3)  # let the guests settle (warm-up thread, page cache)
         qemu, daemon = [], []
         for directory in (Path(env["HAKO_RUN"]) / "sandboxes").iterdir():

@@ -77,6 +77,10 @@ class VMDied(HypervisorError):
     pass
 
 
+class TemplateError(HypervisorError):
+    """A VM template could not be made, or failed its checks."""
+
+
 class AgentError(HakoError):
     """A request to the guest agent failed; ``code`` is the ttRPC (gRPC) status code."""
 

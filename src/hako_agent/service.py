@@ -160,6 +160,8 @@ class AgentService:
     # -- sandbox --------------------------------------------------------------------------------
     @_rpc
     def CreateSandbox(self, request: agent_pb2.CreateSandboxRequest, ctx: CallContext) -> agent_pb2.Empty:
+        if request.entropy:
+            system.reseed_random(request.entropy)  # before anything in the sandbox draws from it
         self.sandbox.setup(
             request.hostname, _storages(request.storages), list(request.dns), request.time_unix_ns
         )

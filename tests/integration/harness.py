@@ -81,12 +81,24 @@ def image_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def template_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """VM templates, made once per session (on first use) and shared by the tests' sandboxes."""
+    return tmp_path_factory.mktemp("templates")
+
+
 @pytest.fixture
-def hako(image_store: Path, tmp_path: Path) -> Iterator[Hako]:
+def hako(image_store: Path, template_store: Path, tmp_path: Path) -> Iterator[Hako]:
     run_root = tmp_path / "run"
     run_root.mkdir()
     (run_root / "tcg-notice").touch()  # the once-per-host TCG notice was given (see test_tcg_notice)
-    env = {**os.environ, "HAKO_RUN": str(run_root), "HAKO_IMAGES": str(image_store)}
+    env = {
+        **os.environ,
+        "HAKO_RUN": str(run_root),
+        "HAKO_IMAGES": str(image_store),
+        "HAKO_TEMPLATES": str(template_store),
+    }
+    env.pop("HAKO_TEMPLATE", None)  # the default (templates on) unless a test says otherwise
     runner = Hako(env, run_root)
     yield runner
     # Whatever a test left running is removed, and then nothing of it may remain.
@@ -96,4 +108,5 @@ def hako(image_store: Path, tmp_path: Path) -> Iterator[Hako]:
     while qemu_pids_under(run_root) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert qemu_pids_under(run_root) == [], "a QEMU process outlived its test"
+    assert qemu_pids_under(template_store) == [], "a template's QEMU outlived its test"
     assert mounts_under(run_root) == [], "a mount outlived its test"

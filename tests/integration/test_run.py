@@ -80,10 +80,14 @@ def test_tty_mode(hako: Hako) -> None:
 
 
 def test_timing_prints_the_breakdown(hako: Hako) -> None:
-    result = hako("run", "--rm", "--timing", BUSYBOX, "true", check=True)
+    result = hako("run", "--rm", "--timing", "--template", "off", BUSYBOX, "true", check=True)
     for row in ("QEMU start", "guest kernel", "guest userspace", "container start", "total"):
         assert row in result.stderr
     assert "TCG" in result.stderr or "KVM" in result.stderr
+    restored = hako("run", "--rm", "--timing", BUSYBOX, "true", check=True)
+    for row in ("restore from template", "container start", "total"):
+        assert row in restored.stderr
+    assert "guest kernel" not in restored.stderr
 
 
 def test_detached_container_lifecycle(hako: Hako) -> None:

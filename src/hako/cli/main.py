@@ -28,6 +28,7 @@ _MODULES = {
     "assets": "hako.cli.info",
     "image": "hako.cli.info",
     "images": "hako.cli.info",
+    "template": "hako.cli.template",
 }
 
 

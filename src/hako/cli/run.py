@@ -23,6 +23,7 @@ from hako.cli.common import accelerator, process_age, require_root
 from hako.cli.options import parse_cpus, parse_memory, parse_volume
 from hako.errors import HakoError, UsageError
 from hako.hypervisor import find_qemu
+from hako.runtime import templates
 from hako.runtime.config import SandboxConfig
 from hako.runtime.launch import Notifications, fork_sandbox
 from hako.runtime.state import SandboxState, new_id, random_name, reserve
@@ -50,6 +51,14 @@ def add_parsers(commands: Any) -> None:
     p.add_argument("--cpus", metavar="N", help="CPUs the container may use (e.g. 1.5)")
     p.add_argument("--kernel", choices=("trimmed", "debian"), default="trimmed", help="guest kernel")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto", help="accelerator")
+    p.add_argument(
+        "--template",
+        choices=templates.MODES,
+        default=os.environ.get("HAKO_TEMPLATE", "auto"),
+        help="restore the VM from a template, sharing its unwritten pages with other clones (auto), "
+        "from a private copy of it (private), or boot it (off); default $HAKO_TEMPLATE or auto. "
+        "Without --memory/--cpus a missing template is made on first use",
+    )
     p.add_argument("--timing", action="store_true", help="print the start-up breakdown to stderr when done")
     p.add_argument("--timing-json", action="store_true", help="the same as one line of JSON (for benchmarks)")
     p.add_argument("--debug", action="store_true", help="verbose guest agent log")
@@ -86,7 +95,6 @@ def run(args: argparse.Namespace) -> int:
         vcpus=vcpus,
         auto_remove=args.rm,
     )
-    reserve(state)
     config = SandboxConfig(
         sandbox_id=sandbox_id,
         hostname=sandbox_id[:12],
@@ -98,6 +106,16 @@ def run(args: argparse.Namespace) -> int:
         run_dir=state.dir,
         debug=args.debug,
     )
+    # A template is made on first use for the standard VM size; others use one that
+    # `hako template create --memory/--cpus` made, or boot.
+    config = templates.for_sandbox(
+        config,
+        args.template,
+        warn=_warn,
+        create_missing=memory is None and cpus is None,
+        announce=_warn if sys.stderr.isatty() else None,
+    )
+    reserve(state)
     args.startup = process_age()  # command start until the fork that starts QEMU
     pid, notify = fork_sandbox(state, config)
     try:
@@ -106,6 +124,10 @@ def run(args: argparse.Namespace) -> int:
         notify.close()
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
+
+
+def _warn(message: str) -> None:
+    print(f"hako: {message}", file=sys.stderr)
 
 
 def _run(

@@ -32,6 +32,12 @@ class VMConfig:
     shared_dir: Path | None = None  # exported to the guest over virtio-9p, mount tag "hako"
     machine_options: tuple[str, ...] = ()  # "key=value" for -machine microvm, as the kernel needs
     debug: bool = False
+    # Guest RAM in a file (VM templates): written through to it (``memory_shared``, while a
+    # template is made) or mapped copy-on-write from it (a clone restored from a template).
+    memory_file: Path | None = None
+    memory_shared: bool = False
+    # Restore the device state saved in this file instead of booting (with ``memory_file``).
+    incoming: Path | None = None
 
 
 class Hypervisor(ABC):

@@ -24,6 +24,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hako.errors import HypervisorError, QemuNotFound
@@ -37,6 +38,11 @@ QEMU_BINARY = "qemu-system-x86_64"
 AGENT_PORT = "hako.agent"
 LOG_PORT = "hako.log"
 SHARE_TAG = "hako"
+MEMORY_ID = "mem"
+# Guest RAM that lives in a named file (a template's) is left out of the migration stream:
+# the stream holds only device state, and clones map the RAM file copy-on-write.
+TEMPLATE_CAPABILITIES = [{"capability": "x-ignore-shared", "state": True}]
+SAVE_TIMEOUT = 60.0
 
 
 def find_qemu() -> str:
@@ -68,12 +74,23 @@ def build_argv(binary: str, config: VMConfig, qmp_fd: int, agent_fd: int) -> lis
     for option in config.machine_options:
         key, _, value = option.partition("=")
         machine[key] = value
+    if config.memory_file is not None:
+        machine["memory-backend"] = MEMORY_ID
     parts: list[qa.Arg] = [
         qa.Name(f"hako-{config.name[:12]}"),
         qa.Machine("microvm", machine),
         qa.Accel(config.accel.name),
         qa.Cpu("max" if tcg else "host"),
         qa.Memory(config.memory_mib),
+    ]
+    if config.memory_file is not None:
+        backend: dict[str, qa.OptionValue | None] = {
+            "size": f"{config.memory_mib}M",
+            "mem-path": config.memory_file,
+            "share": config.memory_shared,
+        }
+        parts.append(qa.Object("memory-backend-file", MEMORY_ID, backend))
+    parts += [
         qa.Smp(config.vcpus),
         qa.Flags(("-nodefaults", "-no-user-config", "-nographic", "-no-reboot")),
         qa.Kernel(config.kernel, " ".join(cmdline), config.initrd),
@@ -96,6 +113,8 @@ def build_argv(binary: str, config: VMConfig, qmp_fd: int, agent_fd: int) -> lis
             qa.Fsdev("shared", config.shared_dir),
             qa.Device("virtio-9p-device", {"fsdev": "shared", "mount_tag": SHARE_TAG}),
         ]
+    if config.incoming is not None:
+        parts.append(qa.Incoming("defer"))  # QMP sets the capabilities, then migrate-incoming
     parts.append(qa.Sandbox())
     return qa.render(binary, parts)
 
@@ -186,12 +205,56 @@ class QemuVM(Hypervisor):
         bridge = QmpBridge(self.config.name[:12], self._on_event)
         try:
             bridge.connect(self._qmp_sock, timeout=30)
+            if self.config.incoming is not None:
+                self._restore(bridge, self.config.incoming)
             self._qmp = bridge
         except Exception as exc:
             self._qmp_error = exc
             bridge.close()
+            if self.config.incoming is not None:
+                self._signal(signal.SIGKILL)  # a VM that cannot restore must not linger paused
         finally:
             self._qmp_ready.set()
+
+    @staticmethod
+    def _restore(bridge: QmpBridge, state: Path) -> None:
+        """Load the saved device state; the VM runs as soon as it is loaded (QEMU exits if the
+        state does not fit this VM, which the caller sees as the VM dying while it boots)."""
+        bridge.execute("migrate-set-capabilities", {"capabilities": TEMPLATE_CAPABILITIES})
+        fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            bridge.send_fd(fd, "incoming")
+        finally:
+            os.close(fd)
+        bridge.execute("migrate-incoming", {"uri": "fd:incoming"})
+
+    def save_state(self, path: Path, timeout: float = SAVE_TIMEOUT) -> None:
+        """Write the VM's device state to ``path`` (guest RAM stays in its file: only for a VM
+        whose ``memory_file`` is shared). The VM is left stopped. It is saved while running
+        (the migration stops it for the device state), so a restored VM starts running as
+        soon as the state is loaded."""
+        if self.config.memory_file is None or not self.config.memory_shared:
+            raise HypervisorError("only a VM whose RAM is a shared file can be saved as a template")
+        bridge = self._bridge()
+        bridge.execute("migrate-set-capabilities", {"capabilities": TEMPLATE_CAPABILITIES})
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            bridge.send_fd(fd, "outgoing")
+        finally:
+            os.close(fd)
+        bridge.execute("migrate", {"uri": "fd:outgoing"})
+        deadline = time.monotonic() + timeout
+        while True:
+            status = bridge.execute("query-migrate")
+            state = status.get("status") if isinstance(status, dict) else None
+            if state == "completed":
+                return
+            if state in ("failed", "cancelled"):
+                detail = status.get("error-desc", state) if isinstance(status, dict) else state
+                raise HypervisorError(f"saving the VM state failed: {detail}")
+            if time.monotonic() > deadline:
+                raise HypervisorError(f"saving the VM state took more than {timeout:g} s")
+            time.sleep(0.01)
 
     def wait_started(self, timeout: float) -> None:
         if not self._qmp_ready.wait(timeout):

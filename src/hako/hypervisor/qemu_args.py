@@ -152,6 +152,28 @@ class Object:
 
 
 @dataclass(frozen=True)
+class Global:
+    """A default for a device or object property (``-global driver.property=value``)."""
+
+    driver: str
+    property: str
+    value: OptionValue
+
+    def render(self) -> list[str]:
+        return ["-global", f"{self.driver}.{self.property}={options(None, {'v': self.value})[2:]}"]
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """Load a saved VM state (a migration stream) from ``uri`` at start-up, then run."""
+
+    uri: str
+
+    def render(self) -> list[str]:
+        return ["-incoming", self.uri]
+
+
+@dataclass(frozen=True)
 class Monitor:
     chardev: str
 

@@ -63,6 +63,15 @@ class QmpBridge:
     ) -> object:
         return self._run(self._client.execute(command, dict(arguments or {})), timeout, command)
 
+    def send_fd(self, fd: int, name: str, timeout: float = 10.0) -> None:
+        """Hand QEMU a file descriptor, known to later commands as ``name`` (``getfd``)."""
+
+        async def send() -> None:
+            self._client.send_fd_scm(fd)
+            await self._client.execute("getfd", {"fdname": name})
+
+        self._run(send(), timeout, "getfd")
+
     def close(self) -> None:
         """Disconnect and stop the loop thread (idempotent)."""
         if not self._loop.is_running():

@@ -74,9 +74,15 @@ class AgentClient:
         storages: Sequence[pb.Storage] = (),
         dns: Sequence[str] = (),
         time_unix_ns: int = 0,
+        entropy: bytes = b"",
     ) -> None:
         request = pb.CreateSandboxRequest(
-            sandbox_id=sandbox_id, hostname=hostname, storages=storages, dns=dns, time_unix_ns=time_unix_ns
+            sandbox_id=sandbox_id,
+            hostname=hostname,
+            storages=storages,
+            dns=dns,
+            time_unix_ns=time_unix_ns,
+            entropy=entropy,
         )
         self._call("CreateSandbox", request, 30)
 

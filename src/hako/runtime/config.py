@@ -3,7 +3,7 @@ daemon starts QEMU from this before it imports anything else)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hako import assets
@@ -26,12 +26,32 @@ class SandboxConfig:
     debug: bool = False
     boot_timeout: float = 60.0
     watchdog_interval: float = 5.0  # 0 disables the hang check
+    template: Path | None = None  # restore from this VM template (a directory) instead of booting
+    template_private: bool = False  # ... from a copy of its RAM: no pages shared with other clones
 
     @property
     def shared_dir(self) -> Path:
         return self.run_dir / "shared"
 
+    @property
+    def private_memory(self) -> Path:
+        """Where a clone's own copy of its template's RAM goes (``template_private``)."""
+        return self.run_dir / "memory"
+
+    def cold(self) -> SandboxConfig:
+        """The same sandbox, booted instead of restored."""
+        return replace(self, template=None, template_private=False)
+
     def vm_config(self) -> VMConfig:
+        """The VM; restored from the template if there is one (same devices, RAM mapped
+        copy-on-write from the template's file, its saved device state loaded)."""
+        vm = self._boot_config()
+        if self.template is None:
+            return vm
+        memory = self.private_memory if self.template_private else self.template / "memory"
+        return replace(vm, memory_file=memory, memory_shared=False, incoming=self.template / "state")
+
+    def _boot_config(self) -> VMConfig:
         initramfs = self.image.format == "initramfs"
         return VMConfig(
             name=self.sandbox_id,

@@ -80,6 +80,10 @@ def fork_sandbox(state: SandboxState, config: SandboxConfig) -> tuple[int, Notif
         _detach(config)
         mounts.private_namespace()
         config.shared_dir.mkdir(parents=True, exist_ok=True)
+        if config.template is not None:
+            from hako.runtime.templates import prepare_clone
+
+            prepare_clone(config)
         vm = QemuVM(config.vm_config())
         try:
             vm.start()

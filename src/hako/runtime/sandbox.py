@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import shutil
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,20 @@ class _Container:
     mounts: list[Path]  # host mount points under the shared dir, innermost last
 
 
+RESTORE_TIMEOUT = 20.0  # a restored VM answers in well under a second; past this, boot cold
+ENTROPY_BYTES = 64
+
+
 class Sandbox:
-    def __init__(self, config: SandboxConfig, hypervisor: Hypervisor | None = None) -> None:
+    def __init__(
+        self,
+        config: SandboxConfig,
+        hypervisor: Hypervisor | None = None,
+        *,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
         self.config = config
+        self.warn = warn or (lambda message: None)
         self.shared_dir = config.shared_dir
         self.vm: Hypervisor = hypervisor or QemuVM(config.vm_config())
         self.agent: AgentClient | None = None
@@ -53,6 +65,7 @@ class Sandbox:
         self.dead = threading.Event()
         self.death_reason = ""
         self._stopping = threading.Event()
+        self._restoring = False
         self._containers: dict[str, _Container] = {}
         self._lock = threading.Lock()
 
@@ -62,36 +75,90 @@ class Sandbox:
         :meth:`wait_ready`."""
         self.shared_dir.mkdir(parents=True, exist_ok=True)
         if self.vm.launched_at is None:
+            if self.config.template is not None:
+                from hako.runtime.templates import prepare_clone
+
+                prepare_clone(self.config)
             self.vm.start()
-        self.vm.on_exit(self._vm_exited)
+        self._watch(self.vm)
+
+    def _watch(self, vm: Hypervisor) -> None:
+        vm.on_exit(lambda: self._vm_exited(vm))
 
     def wait_ready(self) -> None:
-        """Block until the agent answers, then set up the sandbox in the guest."""
-        launched = self.vm.launched_at or time.monotonic()
-        agent = AgentClient(self.vm.agent_channel(), on_close=self._agent_lost)
-        self.agent = agent
+        """Block until the agent answers, then set up the sandbox in the guest. A VM restored
+        from a template that does not answer is replaced by one booted cold, with a warning."""
+        restored = self.config.template is not None
+        self._restoring = restored  # meanwhile a dying VM is not the sandbox dying
         try:
-            # The request waits in the channel until the agent opens its port: no polling.
-            check = agent.check(timeout=self.config.boot_timeout)
+            check, answered = self._check_agent(RESTORE_TIMEOUT if restored else self.config.boot_timeout)
         except AgentError as exc:
-            raise self._boot_failure(exc) from exc
-        answered = time.monotonic()
-        boot = check.boot
+            if not restored:
+                raise self._boot_failure(exc) from exc
+            check, answered = self._boot_cold_instead(exc)
+            restored = False
+        finally:
+            self._restoring = False
+        if self.vm.exited.is_set():
+            self._vm_exited(self.vm)  # it died just now: nothing else will say so
+        agent = self._need_agent()
         self.kernel_release = check.kernel_release
-        self.timing.update(
-            timing.boot_breakdown(
-                launched, answered, check.uptime, boot.kernel_done, boot.agent_start, boot.agent_ready
+        launched = self.vm.launched_at or answered
+        if restored:
+            self.timing["restore"] = answered - launched
+        else:
+            boot = check.boot
+            self.timing.update(
+                timing.boot_breakdown(
+                    launched, answered, check.uptime, boot.kernel_done, boot.agent_start, boot.agent_ready
+                )
             )
-        )
         share = pb.Storage(
             driver="9p", source="hako", fstype="9p", options=SHARE_OPTIONS, mount_point=GUEST_SHARED
         )
+        # Its own identity, even in a clone of a template: hostname, clock, fresh entropy.
         agent.create_sandbox(
-            self.config.sandbox_id, self.config.hostname, storages=[share], time_unix_ns=time.time_ns()
+            self.config.sandbox_id,
+            self.config.hostname,
+            storages=[share],
+            time_unix_ns=time.time_ns(),
+            entropy=os.urandom(ENTROPY_BYTES),
         )
         self.timing["sandbox_setup"] = time.monotonic() - answered
         if self.config.watchdog_interval > 0:
             threading.Thread(target=self._watchdog, daemon=True, name="vm-watchdog").start()
+
+    def _check_agent(self, timeout: float) -> tuple[pb.CheckResponse, float]:
+        self.agent = AgentClient(self.vm.agent_channel(), on_close=self._agent_lost)
+        # The request waits in the channel until the agent opens its port: no polling.
+        check = self.agent.check(timeout=timeout)
+        return check, time.monotonic()
+
+    def _boot_cold_instead(self, exc: AgentError) -> tuple[pb.CheckResponse, float]:
+        from hako.runtime import templates
+
+        template = self.config.template
+        assert template is not None
+        reason = self.vm.exit_reason() if self.vm.exited.wait(1) else str(exc)
+        self.warn(f"restoring from template {template.name} failed ({reason}): removed it, booting cold")
+        templates.discard(templates.Template(template.name, template))
+        old_vm, old_agent = self.vm, self.agent
+        self.config = self.config.cold()
+        self.vm = QemuVM(self.config.vm_config())
+        old_vm.kill()
+        old_vm.stop()
+        if old_agent is not None:
+            old_agent.close()
+        self._remove_private_memory()
+        self.vm.start()
+        self._watch(self.vm)
+        try:
+            return self._check_agent(self.config.boot_timeout)
+        except AgentError as cold_exc:
+            raise self._boot_failure(cold_exc) from cold_exc
+
+    def _remove_private_memory(self) -> None:
+        self.config.private_memory.unlink(missing_ok=True)
 
     def _boot_failure(self, exc: AgentError) -> HakoError:
         if self.vm.exited.wait(1):
@@ -113,14 +180,16 @@ class Sandbox:
         line = (interesting or lines or [""])[-1].strip()
         return f" (guest console: {line})" if line else ""
 
-    def _vm_exited(self) -> None:
+    def _vm_exited(self, vm: Hypervisor) -> None:
+        if vm is not self.vm or self._restoring:
+            return  # a restore that failed: wait_ready boots a VM instead
         if not self._stopping.is_set() and not self.death_reason:
             self.death_reason = self.vm.exit_reason()
         self.dead.set()
 
     def _agent_lost(self) -> None:
         # The channel only closes when QEMU goes away (or we close it); the exit watcher says why.
-        if not self._stopping.is_set():
+        if not self._stopping.is_set() and not self._restoring:
             threading.Thread(target=self._confirm_death, daemon=True).start()
 
     def _confirm_death(self) -> None:
@@ -152,6 +221,7 @@ class Sandbox:
             with contextlib.suppress(HakoError):
                 self.agent.destroy_sandbox(timeout=5)
         self.vm.stop(timeout=5)
+        self._remove_private_memory()
         if self.agent is not None:
             self.agent.close()
         with self._lock:

@@ -71,7 +71,7 @@ def status_of(exc: HakoError) -> TtrpcError:
 class SandboxDaemon:
     def __init__(self, state: SandboxState, config: SandboxConfig, vm: Hypervisor) -> None:
         self.state = state
-        self.sandbox = Sandbox(config, vm)
+        self.sandbox = Sandbox(config, vm, warn=lambda message: self.log(f"warning: {message}"))
         self.container_id = state.id
         self.run_dir = config.run_dir
         self.log_file = (self.run_dir / "daemon.log").open("a", buffering=1)
@@ -82,6 +82,7 @@ class SandboxDaemon:
         self.created = threading.Event()
         self.started = threading.Event()
         self.exited = threading.Event()
+        self.stop_requested = threading.Event()
         self.exit_status = 0
         self.pumps_done = threading.Event()
         self._pumps_running = 2
@@ -199,6 +200,7 @@ class SandboxDaemon:
 
     def DestroySandbox(self, request: pb.DestroySandboxRequest, ctx: CallContext | None) -> pb.Empty:
         self.log("stop requested")
+        self.stop_requested.set()
         self._finish(137 if self.started.is_set() else 0, error=None, stopped=True)
         self.wake.set()
         return pb.Empty()
@@ -211,6 +213,7 @@ class SandboxDaemon:
     def _boot(self) -> None:
         try:
             self.sandbox.wait_ready()
+            self.state.qemu_pid = self.sandbox.vm.pid  # another QEMU if a restore fell back to a boot
             self.state.guest_kernel_release = self.sandbox.kernel_release
             self.state.timing = dict(self.sandbox.timing)
             self.state.save()
@@ -310,8 +313,9 @@ class SandboxDaemon:
             self.wake.wait(1.0)
             self.wake.clear()
             if self.exited.is_set():
-                # Let attached clients drain the output, then stop once they have left.
-                if self.created.is_set():
+                # Let attached clients drain the output (unless told to stop: a container that
+                # still runs has more to say), then stop once they have left.
+                if self.created.is_set() and not self.stop_requested.is_set():
                     self.pumps_done.wait(10)
                 if not self.sandbox.dead.is_set():
                     self.sandbox.stop()

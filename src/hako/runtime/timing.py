@@ -7,6 +7,8 @@
       python_start     of which: the interpreter starting, until the agent's main()
       agent_init       of which: the agent's own setup, until it serves
     boot_total       launch of QEMU until the agent answered (host clock)
+    restore          instead of the boot phases, for a VM restored from a template: launch of
+                     QEMU until the agent answered
     sandbox_setup    the agent setting up the sandbox (hostname, clock, the shared directory over 9p)
     container_create, container_start, container_run (start until exit seen), teardown
 
@@ -26,6 +28,7 @@ ORDER = (
     ("python_start", "  python start"),
     ("agent_init", "  agent init"),
     ("boot_total", "boot total (launch to agent ready)"),
+    ("restore", "restore from template (launch to agent ready)"),
     ("sandbox_setup", "sandbox setup (9p share)"),
     ("container_create", "container create"),
     ("container_start", "container start"),

@@ -15,6 +15,7 @@ config as ``[...runtimes.hako.options] ConfigPath = "..."``), then
     [runtime]
     debug = false           # verbose guest agent log
     boot_timeout = 60       # seconds
+    template = "auto"       # restore VMs from a template: "auto" (pages shared), "private", "off"
 """
 
 from __future__ import annotations
@@ -40,14 +41,20 @@ class ShimConfig:
     accel: str = "auto"
     debug: bool = False
     boot_timeout: float = 60.0
+    template: str = "auto"
     source: str = "defaults"  # where it was read from, for the log
 
 
 _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "hypervisor": {"kernel": str, "image": str, "memory_mib": int, "vcpus": int, "accel": str},
-    "runtime": {"debug": bool, "boot_timeout": (int, float)},
+    "runtime": {"debug": bool, "boot_timeout": (int, float), "template": str},
 }
-_CHOICES = {"kernel": ("trimmed", "debian"), "image": ("initramfs", "erofs"), "accel": ("auto", "kvm", "tcg")}
+_CHOICES = {
+    "kernel": ("trimmed", "debian"),
+    "image": ("initramfs", "erofs"),
+    "accel": ("auto", "kvm", "tcg"),
+    "template": ("auto", "private", "off"),
+}
 
 
 def parse(text: str, source: str) -> ShimConfig:

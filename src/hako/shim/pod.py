@@ -31,7 +31,7 @@ from typing import Any
 from hako import assets
 from hako.errors import ConfigError, ContainerError, ContainerExists, ContainerNotFound, HakoError
 from hako.hypervisor import choose
-from hako.runtime import mounts
+from hako.runtime import mounts, templates
 from hako.runtime.config import SandboxConfig
 from hako.runtime.sandbox import Sandbox
 from hako.shim import config as shim_config
@@ -132,28 +132,30 @@ class Pod:
             return self.sandbox
         cfg = shim_config.load(config_path)
         accel = choose(cfg.accel)
-        sandbox = Sandbox(
-            SandboxConfig(
-                sandbox_id=self.pod_id,
-                hostname=hostname or self.pod_id[:12],
-                kernel=assets.kernel(cfg.kernel),
-                image=assets.guest_image(cfg.kernel, format=cfg.image),
-                memory_mib=cfg.memory_mib,
-                vcpus=cfg.vcpus,
-                accel=accel,
-                run_dir=self.state_dir / "vm",
-                debug=cfg.debug,
-                boot_timeout=cfg.boot_timeout,
-            )
+        config = SandboxConfig(
+            sandbox_id=self.pod_id,
+            hostname=hostname or self.pod_id[:12],
+            kernel=assets.kernel(cfg.kernel),
+            image=assets.guest_image(cfg.kernel, format=cfg.image),
+            memory_mib=cfg.memory_mib,
+            vcpus=cfg.vcpus,
+            accel=accel,
+            run_dir=self.state_dir / "vm",
+            debug=cfg.debug,
+            boot_timeout=cfg.boot_timeout,
         )
-        self.log(f"booting the pod's VM ({cfg.kernel} kernel, {accel.reason}; config: {cfg.source})")
+        config = templates.for_sandbox(config, cfg.template, warn=self.log, announce=self.log)
+        sandbox = Sandbox(config, warn=self.log)
+        how = f"restoring it from template {config.template.name}" if config.template else "booting it"
+        self.log(f"the pod's VM: {how} ({cfg.kernel} kernel, {accel.reason}; config: {cfg.source})")
         try:
             sandbox.start()
             sandbox.wait_ready()
         except BaseException:
             sandbox.stop()
             raise
-        self.log(f"VM ready: QEMU pid {sandbox.vm.pid}, boot {sandbox.timing.get('boot_total', 0):.2f} s")
+        took = sandbox.timing.get("restore", sandbox.timing.get("boot_total", 0.0))
+        self.log(f"VM ready: QEMU pid {sandbox.vm.pid}, in {took:.2f} s")
         self.sandbox = sandbox
         self._on_vm(sandbox.vm.pid)
         return sandbox

@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""Start-up paths side by side: a cold boot, a restore from a VM template, and the host's own
+sandboxes (runc, and gVisor's runsc with its ptrace platform) for the same busybox.
+
+Medians of N runs (default 10), interleaved so that drift in the machine's speed hits all
+paths alike:
+
+- to agent ready: the QEMU launch until the guest agent answers (``boot_total`` for a boot,
+  ``restore`` for a clone), as ``hako run`` records them;
+- ``hako run --rm IMG true``, wall time, for each path;
+- ``runc run`` and ``runsc --platform=ptrace run`` of a bundle with the same rootfs, wall time;
+
+then the host memory per idle cloned sandbox (PSS of its QEMU and of its daemon, with
+``--clones`` of them running at once; the template's pages are shared between them).
+
+Runs against a throw-away state, image and template store. Needs root, QEMU, the guest
+assets, runc and runsc (Debian packages).
+
+    sudo .venv/bin/python bench/start.py [--runs 10] [--clones 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for bench.boot
+
+from bench.boot import IMAGE, machine, measure_memory, run_once
+from hako.hypervisor import choose
+from hako.image.busybox import build_busybox_image
+from hako.image.store import ImageStore
+
+
+def make_bundle(store: ImageStore, bundle: Path) -> None:
+    """An OCI bundle for runc and runsc: the busybox image's rootfs (read-only), ``true``."""
+    image = store.resolve(IMAGE)
+    rootfs = getattr(image, "rootfs", None)
+    if not isinstance(rootfs, Path):
+        raise SystemExit(f"{IMAGE} has no unpacked rootfs")
+    bundle.mkdir(parents=True)
+    subprocess.run(["runc", "spec", "--bundle", str(bundle)], check=True)
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["root"] = {"path": str(rootfs), "readonly": True}
+    spec["process"]["args"] = ["true"]
+    spec["process"]["terminal"] = False
+    (bundle / "config.json").write_text(json.dumps(spec, indent=1))
+
+
+def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
+    started = time.perf_counter()
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(argv[:3])} ... failed ({result.returncode}): {result.stderr.strip()}")
+    return wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=10, help="runs per path (median reported)")
+    parser.add_argument("--clones", type=int, default=20, help="idle clones for the memory figure")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench/start.py runs VMs and containers: run it as root")
+    for tool in ("runc", "runsc"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} not found: apt-get install {tool}")
+
+    scratch = Path(tempfile.mkdtemp(prefix="hako-bench-"))
+    env = {
+        **os.environ,
+        "HAKO_RUN": str(scratch / "run"),
+        "HAKO_IMAGES": str(scratch / "images"),
+        "HAKO_TEMPLATES": str(scratch / "templates"),
+    }
+    try:
+        store = ImageStore(scratch / "images")
+        store.import_path(build_busybox_image(scratch / "busybox"))
+        (scratch / "run").mkdir()
+        (scratch / "run" / "tcg-notice").touch()
+        bundle = scratch / "bundle"
+        make_bundle(store, bundle)
+        accel = choose("auto")
+        print(f"machine: {machine()}")
+        print(f"accelerator: {accel.name.upper()} ({accel.reason})")
+        print(f"runs: {args.runs} per path, interleaved, medians; image: {IMAGE}\n")
+
+        run_once(env, "trimmed", template="auto")  # makes the template (and warms the caches)
+        runc_root, runsc_root = scratch / "runc", scratch / "runsc"
+        runsc = ["runsc", "--platform=ptrace", "--network=none"]
+        paths: dict[str, Callable[[int], float]] = {
+            "runc": lambda i: timed(
+                ["runc", "--root", str(runc_root), "run", "--bundle", str(bundle), f"b{i}"]
+            ),
+            "runsc": lambda i: timed(
+                [*runsc, "--root", str(runsc_root), "run", "--bundle", str(bundle), f"g{i}"]
+            ),
+        }
+        walls: dict[str, list[float]] = {name: [] for name in ("boot", "restore", *paths)}
+        ready: dict[str, list[float]] = {"boot": [], "restore": []}
+        for i in range(args.runs):
+            cold = run_once(env, "trimmed", template="off")
+            walls["boot"].append(cold["wall"])
+            ready["boot"].append(cold["boot_total"])
+            clone = run_once(env, "trimmed", template="auto")
+            if "restore" not in clone:
+                raise SystemExit("hako run did not restore from the template: see its daemon.log")
+            walls["restore"].append(clone["wall"])
+            ready["restore"].append(clone["restore"])
+            for name, run in paths.items():
+                walls[name].append(run(i))
+
+        def ms(values: list[float]) -> str:
+            return f"{statistics.median(values) * 1000:8.0f} ms"
+
+        tag = accel.name.upper()
+        runc = statistics.median(walls["runc"])
+        gvisor = statistics.median(walls["runsc"])
+
+        def row(label: str, ready_ms: str, key: str) -> None:
+            wall = statistics.median(walls[key])
+            print(f"{label:<44}{ready_ms:>16}{ms(walls[key]):>20}{wall / runc:8.1f}x{wall / gvisor:8.1f}x")
+
+        print(f"{'path':<44}{'to agent ready':>16}{'run --rm IMG true':>20}{'vs runc':>9}{'vs runsc':>9}")
+        row(f"hako, cold boot ({tag})", ms(ready["boot"]), "boot")
+        row(f"hako, restored from a template ({tag})", ms(ready["restore"]), "restore")
+        print(f"{'hako, warm pool':<44}{'(not built yet)':>16}")
+        row("runc run", "", "runc")
+        row("runsc --platform=ptrace run", "", "runsc")
+
+        qemu, daemon = measure_memory(env, args.clones, template="auto")
+        print(
+            f"\nhost memory per idle cloned sandbox ({args.clones} running, median): "
+            f"QEMU {qemu:.1f} MiB + daemon {daemon:.1f} MiB = {qemu + daemon:.1f} MiB PSS"
+        )
+        cold_qemu, cold_daemon = measure_memory(env, 3, template="off")
+        print(f"for comparison, a booted sandbox (3 running): {cold_qemu + cold_daemon:.1f} MiB PSS")
+    finally:
+        for root in (scratch / "runc", scratch / "runsc"):
+            if root.is_dir():
+                for container in root.iterdir():
+                    tool = "runc" if root.name == "runc" else "runsc"
+                    subprocess.run([tool, "--root", str(root), "delete", "-f", container.name], check=False)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""VM templates without a VM: the QEMU arguments of a template and a clone, the key, the checks
+on a template in store, the sparse copy of its RAM, and the choice of mode."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from hako.assets import GuestImage, Kernel
+from hako.errors import TemplateError
+from hako.hypervisor import Accelerator, VMConfig
+from hako.hypervisor.qemu import build_argv
+from hako.runtime import templates
+from hako.runtime.config import SandboxConfig
+
+MIB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "templates"
+    monkeypatch.setenv("HAKO_TEMPLATES", str(path))
+    return path
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    made = {}
+    for name in ("vmlinux", "initramfs.cpio", "qemu"):
+        made[name] = tmp_path / name
+        made[name].write_bytes(name.encode())
+    return made
+
+
+def _sandbox(tmp_path: Path, files: dict[str, Path], **overrides: object) -> SandboxConfig:
+    kernel = Kernel("trimmed", files["vmlinux"], "6.1-test", ("console=ttyS0",), ("acpi=off",))
+    image = GuestImage("trimmed", "initramfs", files["initramfs.cpio"], 14)
+    values: dict[str, object] = {
+        "sandbox_id": "f" * 64,
+        "hostname": "ffffffffffff",
+        "kernel": kernel,
+        "image": image,
+        "memory_mib": 256,
+        "vcpus": 1,
+        "accel": Accelerator("tcg", "test"),
+        "run_dir": tmp_path / "sandbox",
+    }
+    values.update(overrides)
+    return SandboxConfig(**values)  # type: ignore[arg-type]
+
+
+def _vm(tmp_path: Path, files: dict[str, Path], **overrides: object) -> VMConfig:
+    return _sandbox(tmp_path, files, **overrides).vm_config()
+
+
+def _make(store: Path, vm: VMConfig, qemu: Path, *, state: bytes = b"device state") -> templates.Template:
+    """A template in store as templates.create leaves it, without booting anything."""
+    key = templates.key_of(templates.inputs(vm, str(qemu)))
+    directory = store / key
+    directory.mkdir(parents=True)
+    with open(directory / "memory", "wb") as memory:
+        memory.truncate(vm.memory_mib * MIB)
+    (directory / "state").write_bytes(state)
+    meta = {"format": templates.FORMAT, "key": key, "state_sha256": hashlib.sha256(state).hexdigest()}
+    (directory / "meta.json").write_text(json.dumps(meta))
+    return templates.Template(key, directory)
+
+
+# -- QEMU arguments -------------------------------------------------------------------------------
+
+
+def test_a_template_vm_writes_its_ram_through_to_a_file(tmp_path: Path, files: dict[str, Path]) -> None:
+    vm = dataclasses.replace(_vm(tmp_path, files), memory_file=tmp_path / "ram", memory_shared=True)
+    argv = build_argv("qemu", vm, qmp_fd=5, agent_fd=6)
+    machine = argv[argv.index("-machine") + 1]
+    assert machine.endswith(",memory-backend=mem")
+    assert f"memory-backend-file,id=mem,size=256M,mem-path={tmp_path}/ram,share=on" in argv
+    assert "-incoming" not in argv
+
+
+def test_a_clone_maps_the_ram_copy_on_write_and_waits_for_its_state(
+    tmp_path: Path, files: dict[str, Path]
+) -> None:
+    config = dataclasses.replace(_sandbox(tmp_path, files), template=tmp_path / "tpl")
+    argv = build_argv("qemu", config.vm_config(), qmp_fd=5, agent_fd=6)
+    assert f"memory-backend-file,id=mem,size=256M,mem-path={tmp_path}/tpl/memory,share=off" in argv
+    assert argv[argv.index("-incoming") + 1] == "defer"
+    # the same devices as the template, in the same order: only paths differ
+    plain = build_argv("qemu", config.cold().vm_config(), qmp_fd=5, agent_fd=6)
+    devices = [argv[i + 1] for i, arg in enumerate(argv) if arg == "-device"]
+    assert devices == [plain[i + 1] for i, arg in enumerate(plain) if arg == "-device"]
+
+
+def test_a_private_clone_maps_its_own_copy(tmp_path: Path, files: dict[str, Path]) -> None:
+    config = dataclasses.replace(_sandbox(tmp_path, files), template=tmp_path / "tpl", template_private=True)
+    vm = config.vm_config()
+    assert vm.memory_file == config.private_memory == tmp_path / "sandbox" / "memory"
+    assert vm.incoming == tmp_path / "tpl" / "state"
+    assert not vm.memory_shared
+
+
+def test_a_cold_config_boots(tmp_path: Path, files: dict[str, Path]) -> None:
+    config = dataclasses.replace(_sandbox(tmp_path, files), template=tmp_path / "tpl", template_private=True)
+    vm = config.cold().vm_config()
+    assert (vm.memory_file, vm.incoming) == (None, None)
+
+
+# -- key ------------------------------------------------------------------------------------------
+
+
+def test_the_key_follows_every_input(tmp_path: Path, files: dict[str, Path]) -> None:
+    qemu = str(files["qemu"])
+    base = templates.key_of(templates.inputs(_vm(tmp_path, files), qemu))
+    assert base == templates.key_of(templates.inputs(_vm(tmp_path, files), qemu))
+    # not the sandbox's own paths and names: those differ between clones
+    other = _vm(tmp_path, files, sandbox_id="0" * 64, hostname="x", run_dir=tmp_path / "other")
+    assert templates.key_of(templates.inputs(other, qemu)) == base
+    changed = [
+        _vm(tmp_path, files, memory_mib=512),
+        _vm(tmp_path, files, vcpus=2),
+        _vm(tmp_path, files, accel=Accelerator("kvm", "test")),
+        _vm(tmp_path, files, debug=True),
+    ]
+    keys = {templates.key_of(templates.inputs(vm, qemu)) for vm in changed}
+    assert base not in keys and len(keys) == len(changed)
+    os.utime(files["initramfs.cpio"], ns=(1, 1))  # a rebuilt guest image
+    assert templates.key_of(templates.inputs(_vm(tmp_path, files), qemu)) != base
+    files["qemu"].write_bytes(b"an upgraded qemu")
+    assert templates.key_of(templates.inputs(_vm(tmp_path, files), str(files["qemu"]))) != base
+
+
+# -- checks ---------------------------------------------------------------------------------------
+
+
+def test_lookup_finds_a_sound_template(tmp_path: Path, files: dict[str, Path], store: Path) -> None:
+    vm = _vm(tmp_path, files)
+    made = _make(store, vm, files["qemu"])
+    warnings: list[str] = []
+    assert templates.lookup(vm, str(files["qemu"]), warnings.append) == made
+    assert warnings == []
+    assert templates.lookup(_vm(tmp_path, files, memory_mib=512), str(files["qemu"]), warnings.append) is None
+
+
+@pytest.mark.parametrize(
+    ("damage", "complaint"),
+    [
+        (lambda t: t.state.write_bytes(b"something else"), "does not match its digest"),
+        (lambda t: t.state.unlink(), "No such file"),
+        (lambda t: os.truncate(t.memory, MIB), "RAM file has"),
+        (lambda t: t.meta_path.write_text("{"), "unreadable meta.json"),
+        (lambda t: t.meta_path.write_text('{"format": 0}'), "another version"),
+    ],
+)
+def test_a_damaged_template_is_removed_with_a_warning(
+    tmp_path: Path, files: dict[str, Path], store: Path, damage: object, complaint: str
+) -> None:
+    vm = _vm(tmp_path, files)
+    made = _make(store, vm, files["qemu"])
+    assert callable(damage)
+    damage(made)
+    warnings: list[str] = []
+    assert templates.lookup(vm, str(files["qemu"]), warnings.append) is None
+    assert len(warnings) == 1 and complaint in warnings[0] and "booting cold" in warnings[0]
+    assert not made.dir.exists()
+    assert [p for p in store.iterdir() if not p.name.startswith(".")] == []
+
+
+def test_validate_names_the_template(tmp_path: Path, files: dict[str, Path], store: Path) -> None:
+    made = _make(store, _vm(tmp_path, files), files["qemu"])
+    with pytest.raises(TemplateError, match=made.key):
+        made.validate(memory_mib=512)
+
+
+def test_listing_skips_templates_being_made(tmp_path: Path, files: dict[str, Path], store: Path) -> None:
+    made = _make(store, _vm(tmp_path, files), files["qemu"])
+    (store / f".new-{made.key}-1").mkdir()
+    (store / f".{made.key}.lock").touch()
+    assert [template for template, _ in templates.listing()] == [made]
+
+
+# -- RAM copies and modes -------------------------------------------------------------------------
+
+
+def test_copy_sparse_keeps_data_and_holes(tmp_path: Path) -> None:
+    source, target = tmp_path / "ram", tmp_path / "copy"
+    with open(source, "wb") as ram:
+        ram.truncate(64 * MIB)
+        for offset in (0, 5 * MIB, 63 * MIB):
+            ram.seek(offset)
+            ram.write(os.urandom(8192))
+    templates.copy_sparse(source, target)
+    assert target.read_bytes() == source.read_bytes()
+    assert target.stat().st_size == 64 * MIB
+    assert target.stat().st_blocks * 512 < 4 * MIB  # the holes stayed holes
+
+
+def test_mode_off_leaves_the_config_alone(tmp_path: Path, files: dict[str, Path]) -> None:
+    config = _sandbox(tmp_path, files)
+    assert templates.for_sandbox(config, "off", warn=pytest.fail) is config
+
+
+def test_an_unknown_mode_is_an_error(tmp_path: Path, files: dict[str, Path]) -> None:
+    with pytest.raises(TemplateError, match="auto, private, off"):
+        templates.for_sandbox(_sandbox(tmp_path, files), "sometimes", warn=pytest.fail)
+
+
+def test_without_create_missing_a_missing_template_means_a_boot(
+    tmp_path: Path, files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HAKO_QEMU", str(files["qemu"]))
+    files["qemu"].chmod(0o755)
+    config = _sandbox(tmp_path, files)
+    assert templates.for_sandbox(config, "auto", warn=pytest.fail, create_missing=False) is config
+
+
+def test_a_template_in_store_is_used(
+    tmp_path: Path, files: dict[str, Path], store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HAKO_QEMU", str(files["qemu"]))
+    files["qemu"].chmod(0o755)
+    config = _sandbox(tmp_path, files)
+    made = _make(store, config.vm_config(), files["qemu"])
+    used = templates.for_sandbox(config, "private", warn=pytest.fail, create_missing=False)
+    assert (used.template, used.template_private) == (made.dir, True)
