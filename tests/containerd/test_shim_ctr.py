@@ -33,6 +33,9 @@ def test_runs_in_a_vm(ctr: Ctr, runtime: Runtime) -> None:
     assert result.returncode == 0, result.stderr
     # The guest's kernel with hako, the host's with runc.
     assert (result.stdout.strip() != os.uname().release) == runtime.vm, result.stdout
+    if runtime.vm:  # the shim's VMs are restored from a template, which it made on first use
+        templates = ctr.containerd.paths.hako_run / "templates"
+        assert [p for p in templates.iterdir() if p.is_dir() and not p.name.startswith(".")], templates
 
 
 @pytest.mark.parametrize("code", [0, 3, 125])

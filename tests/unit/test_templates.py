@@ -227,3 +227,15 @@ def test_a_template_in_store_is_used(
     made = _make(store, config.vm_config(), files["qemu"])
     used = templates.for_sandbox(config, "private", warn=pytest.fail, create_missing=False)
     assert (used.template, used.template_private) == (made.dir, True)
+
+
+def test_templates_of_changed_files_are_pruned(tmp_path: Path, files: dict[str, Path], store: Path) -> None:
+    vm = _vm(tmp_path, files)
+    made = _make(store, vm, files["qemu"])
+    meta = json.loads(made.meta_path.read_text())
+    meta["inputs"] = templates.inputs(vm, str(files["qemu"]))
+    made.meta_path.write_text(json.dumps(meta))
+    assert templates.prune_stale() == []
+    os.utime(files["vmlinux"], ns=(2, 2))  # the kernel was rebuilt
+    assert templates.prune_stale() == [made.key]
+    assert not made.dir.exists()

@@ -228,7 +228,30 @@ def create(vm: VMConfig, qemu_binary: str, boot_timeout: float, warn: Warn) -> T
         (work / META).write_text(json.dumps(meta, indent=1) + "\n")
         discard(final)  # a stale one (failed its checks), if any
         os.rename(work, final.dir)
-        return final
+    for key in prune_stale():
+        warn(f"removed template {key}: its kernel, guest image or QEMU has changed since")
+    return final
+
+
+def prune_stale() -> list[str]:
+    """Remove templates made from files that have changed or gone since (an upgraded QEMU, a
+    rebuilt kernel or guest image): nothing can use them again. Returns their keys."""
+    removed = []
+    for template, meta in listing():
+        given = meta.get("inputs", {})
+        for name in ("qemu", "kernel", "initrd", "root_disk"):
+            recorded = given.get(name)
+            if recorded is None:
+                continue
+            try:
+                current = _file_id(recorded[0])
+            except (OSError, IndexError, TypeError):
+                current = None
+            if current != recorded:
+                discard(template)
+                removed.append(template.key)
+                break
+    return removed
 
 
 def for_sandbox(
