@@ -111,6 +111,7 @@ class AgentService:
         cgroup_root: str | None = "/sys/fs/cgroup",
     ) -> None:
         self.boot = boot or BootTimes(0.0)
+        self.warm = False  # set by warm_up (a thread started once the agent serves)
         self._sandbox = sandbox
         self._power_off = power_off  # None: DestroySandbox leaves the machine running (tests)
         self._cgroup_root = cgroup_root
@@ -131,6 +132,8 @@ class AgentService:
         _ = self.sandbox
         import hako_agent.spawn  # noqa: F401  (json, resource, socket, ...)
 
+        self.warm = True
+
     # -- health ---------------------------------------------------------------------------------
     @_rpc
     def Check(self, request: agent_pb2.CheckRequest, ctx: CallContext) -> agent_pb2.CheckResponse:
@@ -143,6 +146,7 @@ class AgentService:
                 agent_start=self.boot.agent_start,
                 agent_ready=self.boot.agent_ready,
             ),
+            warm=self.warm,
         )
 
     @_rpc

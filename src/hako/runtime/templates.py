@@ -47,6 +47,7 @@ MODES = ("auto", "private", "off")  # share the template's pages, copy them per 
 MEMORY = "memory"
 STATE = "state"
 META = "meta.json"
+WARM_UP_TIMEOUT = 30.0
 
 Warn = Callable[[str], None]
 
@@ -198,6 +199,11 @@ def create(vm: VMConfig, qemu_binary: str, boot_timeout: float, warn: Warn) -> T
             agent = AgentClient(machine.agent_channel())
             try:
                 check = agent.check(timeout=boot_timeout)
+                # Saved once the agent's warm-up is done, so that no clone repeats it.
+                deadline = time.monotonic() + WARM_UP_TIMEOUT
+                while not check.warm and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    check = agent.check(timeout=boot_timeout)
             except HakoError as exc:
                 reason = machine.exit_reason() if machine.exited.wait(1) else str(exc)
                 raise TemplateError(f"the template VM did not boot: {reason}") from exc
