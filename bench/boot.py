@@ -57,9 +57,10 @@ def hako_command() -> list[str]:
     return [str(entry)] if entry.exists() else [sys.executable, "-m", "hako.cli.main"]
 
 
-def run_once(env: dict[str, str], kernel: str, template: str = "off") -> dict[str, float]:
+def run_once(env: dict[str, str], kernel: str, template: str = "off", pool: bool = False) -> dict[str, float]:
     """One ``hako run --rm IMG true``: its timing breakdown, and its wall time as ``wall``."""
     argv = [*hako_command(), "run", "--rm", f"--template={template}", "--kernel", kernel]
+    argv += [] if pool else ["--no-pool"]
     started = time.perf_counter()
     result = subprocess.run(
         [*argv, "--timing-json", IMAGE, "true"],

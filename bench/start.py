@@ -6,7 +6,8 @@ Medians of N runs (default 10), interleaved so that drift in the machine's speed
 paths alike:
 
 - to agent ready: the QEMU launch until the guest agent answers (``boot_total`` for a boot,
-  ``restore`` for a clone), as ``hako run`` records them;
+  ``restore`` for a clone), or the claim of a paused VM from the warm pool (``pool_take``:
+  resume, clock, entropy), as ``hako run`` records them;
 - ``hako run --rm IMG true``, wall time, for each path;
 - ``runc run`` and ``runsc --platform=ptrace run`` of a bundle with the same rootfs, wall time;
 
@@ -35,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for bench.boot
 
-from bench.boot import IMAGE, machine, measure_memory, run_once
+from bench.boot import IMAGE, hako_command, machine, measure_memory, run_once
 from hako.hypervisor import choose
 from hako.image.busybox import build_busybox_image
 from hako.image.store import ImageStore
@@ -54,6 +55,18 @@ def make_bundle(store: ImageStore, bundle: Path) -> None:
     spec["process"]["args"] = ["true"]
     spec["process"]["terminal"] = False
     (bundle / "config.json").write_text(json.dumps(spec, indent=1))
+
+
+def wait_for_pool(env: dict[str, str], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listing = subprocess.run(
+            [*hako_command(), "pool", "ls"], env=env, capture_output=True, text=True, check=False
+        )
+        if " ready " in listing.stdout:
+            return
+        time.sleep(0.2)
+    raise SystemExit("the warm pool did not refill")
 
 
 def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
@@ -106,8 +119,9 @@ def main() -> None:
                 [*runsc, "--root", str(runsc_root), "run", "--bundle", str(bundle), f"g{i}"]
             ),
         }
-        walls: dict[str, list[float]] = {name: [] for name in ("boot", "restore", *paths)}
-        ready: dict[str, list[float]] = {"boot": [], "restore": []}
+        walls: dict[str, list[float]] = {name: [] for name in ("boot", "restore", "pool", *paths)}
+        ready: dict[str, list[float]] = {"boot": [], "restore": [], "pool": []}
+        subprocess.run([*hako_command(), "pool", "fill", "1"], env=env, check=True, capture_output=True)
         for i in range(args.runs):
             cold = run_once(env, "trimmed", template="off")
             walls["boot"].append(cold["wall"])
@@ -117,8 +131,15 @@ def main() -> None:
                 raise SystemExit("hako run did not restore from the template: see its daemon.log")
             walls["restore"].append(clone["wall"])
             ready["restore"].append(clone["restore"])
+            taken = run_once(env, "trimmed", template="auto", pool=True)
+            if "pool_take" not in taken:
+                raise SystemExit("hako run did not take a VM from the pool: see hako pool ls")
+            walls["pool"].append(taken["wall"])
+            ready["pool"].append(taken["pool_take"])
+            wait_for_pool(env)  # the refill hako run started: not during the next measurements
             for name, run in paths.items():
                 walls[name].append(run(i))
+        subprocess.run([*hako_command(), "pool", "drain"], env=env, check=True, capture_output=True)
 
         def ms(values: list[float]) -> str:
             return f"{statistics.median(values) * 1000:8.0f} ms"
@@ -134,7 +155,7 @@ def main() -> None:
         print(f"{'path':<44}{'to agent ready':>16}{'run --rm IMG true':>20}{'vs runc':>9}{'vs runsc':>9}")
         row(f"hako, cold boot ({tag})", ms(ready["boot"]), "boot")
         row(f"hako, restored from a template ({tag})", ms(ready["restore"]), "restore")
-        print(f"{'hako, warm pool':<44}{'(not built yet)':>16}")
+        row(f"hako, taken from the warm pool ({tag})", ms(ready["pool"]), "pool")
         row("runc run", "", "runc")
         row("runsc --platform=ptrace run", "", "runsc")
 

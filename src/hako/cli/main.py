@@ -29,6 +29,7 @@ _MODULES = {
     "image": "hako.cli.info",
     "images": "hako.cli.info",
     "template": "hako.cli.template",
+    "pool": "hako.cli.pool",
 }
 
 

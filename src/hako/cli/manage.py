@@ -74,6 +74,8 @@ def ps(args: argparse.Namespace) -> int:
     rows = []
     for state in all_states():
         status = state.effective_status()
+        if state.status == Status.POOLED:
+            continue  # not a container yet: `hako pool ls`
         if not args.all and status not in (Status.RUNNING, Status.CREATING):
             continue
         if args.quiet:
@@ -164,7 +166,7 @@ def rm(args: argparse.Namespace) -> int:
     failed = 0
     for ref in args.containers:
         try:
-            _remove(find(ref), force=args.force)
+            remove_sandbox(find(ref), force=args.force)
             print(ref)
         except HakoError as exc:
             print(f"hako: {exc}", file=sys.stderr)
@@ -172,7 +174,7 @@ def rm(args: argparse.Namespace) -> int:
     return failed
 
 
-def _remove(state: SandboxState, *, force: bool) -> None:
+def remove_sandbox(state: SandboxState, *, force: bool) -> None:
     if state.daemon_alive():
         if state.effective_status() in (Status.RUNNING, Status.CREATING) and not force:
             raise ContainerError(

@@ -23,10 +23,18 @@ from hako.cli.common import accelerator, process_age, require_root
 from hako.cli.options import parse_cpus, parse_memory, parse_volume
 from hako.errors import HakoError, UsageError
 from hako.hypervisor import find_qemu
-from hako.runtime import templates
+from hako.runtime import pool, templates
 from hako.runtime.config import SandboxConfig
 from hako.runtime.launch import Notifications, fork_sandbox
-from hako.runtime.state import SandboxState, new_id, random_name, reserve
+from hako.runtime.state import (
+    SandboxState,
+    check_name_free,
+    creation_lock,
+    new_id,
+    random_name,
+    remove_dead,
+    reserve,
+)
 
 BASE_VM_MEMORY_MIB = 256  # the guest itself: kernel, agent, page cache for the shared rootfs
 MAX_VCPUS = 64
@@ -58,6 +66,11 @@ def add_parsers(commands: Any) -> None:
         help="restore the VM from a template, sharing its unwritten pages with other clones (auto), "
         "from a private copy of it (private), or boot it (off); default $HAKO_TEMPLATE or auto. "
         "Without --memory/--cpus a missing template is made on first use",
+    )
+    p.add_argument(
+        "--no-pool",
+        action="store_true",
+        help="do not take a VM from the warm pool (hako pool), even if it has one",
     )
     p.add_argument("--timing", action="store_true", help="print the start-up breakdown to stderr when done")
     p.add_argument("--timing-json", action="store_true", help="the same as one line of JSON (for benchmarks)")
@@ -115,15 +128,63 @@ def run(args: argparse.Namespace) -> int:
         create_missing=memory is None and cpus is None,
         announce=_warn if sys.stderr.isatty() else None,
     )
+    limits: dict[str, Any] = {"memory": memory, "cpus": cpus, "volumes": volumes}
+    if config.template is not None and args.template == "auto" and not args.no_pool:
+        while (taken := pool.take(config.template.name)) is not None:
+            args.startup = process_age()
+            notify = _claim(args, taken)
+            if notify is None:
+                continue  # it died in the pool: the next one, or a sandbox of our own
+            try:
+                return _run(args, taken, taken.daemon_pid or 0, notify, claimed=True, **limits)
+            finally:
+                notify.close()
+                pool.refill_in_background(args.kernel)
     reserve(state)
     args.startup = process_age()  # command start until the fork that starts QEMU
     pid, notify = fork_sandbox(state, config)
     try:
-        return _run(args, state, pid, notify, memory=memory, cpus=cpus, volumes=volumes)
+        return _run(args, state, pid, notify, **limits)
     finally:
         notify.close()
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
+
+
+def _claim(args: argparse.Namespace, state: SandboxState) -> Notifications | None:
+    """Claim a sandbox taken from the warm pool: it resumes, and takes the name and the host's
+    clock. Its notifications come over a FIFO. None if it cannot be claimed (its daemon died
+    meanwhile; a name in use is an error, as for any run)."""
+    from hako.runtime.client import claim, connect
+
+    name = args.name or random_name()
+    fifo = state.dir / f".notify-{os.getpid()}"
+    try:
+        os.mkfifo(fifo, 0o600)
+        notify = Notifications(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+    except OSError:
+        return None  # its run dir is gone: so is it
+    try:
+        with creation_lock():
+            check_name_free(name, state)
+            client = connect(state)
+            try:
+                claim(client, name, auto_remove=args.rm, notify_path=fifo)
+            finally:
+                client.close()
+    except UsageError:
+        notify.close()
+        raise
+    except HakoError:
+        notify.close()
+        if not state.daemon_alive():
+            remove_dead(state)
+        return None
+    finally:
+        fifo.unlink(missing_ok=True)
+    os.set_blocking(notify.fd, True)
+    state.name, state.auto_remove = name, args.rm
+    return notify
 
 
 def _warn(message: str) -> None:
@@ -131,14 +192,22 @@ def _warn(message: str) -> None:
 
 
 def _run(
-    args: argparse.Namespace, state: SandboxState, daemon: int, notify: Notifications, **limits: Any
+    args: argparse.Namespace,
+    state: SandboxState,
+    daemon: int,
+    notify: Notifications,
+    *,
+    claimed: bool = False,
+    **limits: Any,
 ) -> int:
     created = False
     try:
-        notify.expect("launched")
+        if not claimed:
+            notify.expect("launched")
         spec, image_name = _spec(args, state.id, **limits)
         (state.dir / "config.json").write_text(json.dumps(spec, indent=1))
-        notify.expect("serving")
+        if not claimed:
+            notify.expect("serving")
         from hako.runtime.client import connect
 
         agent = connect(state)

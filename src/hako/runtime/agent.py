@@ -86,6 +86,13 @@ class AgentClient:
         )
         self._call("CreateSandbox", request, 30)
 
+    def set_clock(self, unix_ns: int) -> None:
+        seconds, rest = divmod(unix_ns, 1_000_000_000)
+        self._call("SetGuestDateTime", pb.SetGuestDateTimeRequest(sec=seconds, usec=rest // 1000), 10)
+
+    def reseed_random(self, data: bytes) -> None:
+        self._call("ReseedRandomDev", pb.ReseedRandomDevRequest(data=data), 10)
+
     def destroy_sandbox(self, timeout: float = 5.0) -> None:
         self._call("DestroySandbox", pb.DestroySandboxRequest(), timeout)
 

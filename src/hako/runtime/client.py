@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 from hako.errors import SandboxError
-from hako.runtime.agent import AgentClient
-from hako.runtime.sandboxd import API_SOCKET
+from hako.runtime.agent import AgentClient, translate
+from hako.runtime.sandboxd import API_SOCKET, DAEMON_SERVICE
 from hako.runtime.sockets import connect_unix
 from hako.runtime.state import SandboxState
 
@@ -18,3 +21,18 @@ def connect(state: SandboxState) -> AgentClient:
             f"container {state.name} is not reachable ({exc.strerror}): is it still running?"
         ) from exc
     return AgentClient(sock)
+
+
+def claim(client: AgentClient, name: str, *, auto_remove: bool, notify_path: Path) -> float:
+    """Take a pooled sandbox (see :mod:`hako.runtime.pool`); returns how long it took to resume."""
+    from hako_api import daemon_pb2
+    from hako_ttrpc import TtrpcError
+
+    request = daemon_pb2.ClaimRequest(
+        name=name, auto_remove=auto_remove, created=time.time(), notify_path=str(notify_path)
+    )
+    try:
+        response = client.client.call(DAEMON_SERVICE, "Claim", request, daemon_pb2.ClaimResponse, timeout=30)
+    except TtrpcError as exc:
+        raise translate(exc, "Claim") from exc
+    return float(response.took)

@@ -67,7 +67,9 @@ def notify(fd: int, message: Mapping[str, Any]) -> None:
         os.write(fd, json.dumps(message).encode() + b"\n")
 
 
-def fork_sandbox(state: SandboxState, config: SandboxConfig) -> tuple[int, Notifications]:
+def fork_sandbox(
+    state: SandboxState, config: SandboxConfig, *, pooled: bool = False
+) -> tuple[int, Notifications]:
     """Fork the sandbox's daemon; returns its pid and its notifications. The caller has no threads."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -94,7 +96,7 @@ def fork_sandbox(state: SandboxState, config: SandboxConfig) -> tuple[int, Notif
         # Only now the heavy part (protobuf, ttRPC, the runtime), while the guest boots.
         from hako.runtime.sandboxd import SandboxDaemon
 
-        code = SandboxDaemon(state, config, vm).run(write_fd)
+        code = SandboxDaemon(state, config, vm, pooled=pooled).run(write_fd)
     except BaseException as exc:
         with contextlib.suppress(Exception):
             traceback.print_exc()

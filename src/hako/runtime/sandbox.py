@@ -128,6 +128,12 @@ class Sandbox:
         if self.config.watchdog_interval > 0:
             threading.Thread(target=self._watchdog, daemon=True, name="vm-watchdog").start()
 
+    def renew_identity(self) -> None:
+        """A sandbox that waited paused (the warm pool) takes the host's clock and fresh entropy."""
+        agent = self._need_agent()
+        agent.set_clock(time.time_ns())
+        agent.reseed_random(os.urandom(ENTROPY_BYTES))
+
     def _check_agent(self, timeout: float) -> tuple[pb.CheckResponse, float]:
         self.agent = AgentClient(self.vm.agent_channel(), on_close=self._agent_lost)
         # The request waits in the channel until the agent opens its port: no polling.

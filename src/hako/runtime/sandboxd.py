@@ -42,13 +42,16 @@ from hako.runtime.agent import SERVICE_NAME
 from hako.runtime.config import SandboxConfig
 from hako.runtime.launch import notify
 from hako.runtime.output import STDERR, STDOUT, Channel, OutputLog
+from hako.runtime.pool import POOLED_MARK
 from hako.runtime.sandbox import Sandbox
 from hako.runtime.sockets import listen_unix
 from hako.runtime.state import SandboxState, Status, process_start_ticks
 from hako_api import agent_pb2 as pb
+from hako_api import daemon_pb2 as daemon_pb
 from hako_ttrpc import CallContext, Server, TtrpcError, codes
 
 API_SOCKET = "api.sock"
+DAEMON_SERVICE = daemon_pb.DESCRIPTOR.services_by_name["Daemon"].full_name
 ATTACH_KEY = "hako-attach"
 IMAGE_KEY = "hako-image"
 IDLE_TIMEOUT = 300.0  # a sandbox whose container nobody creates or starts is given up after this
@@ -69,8 +72,14 @@ def status_of(exc: HakoError) -> TtrpcError:
 
 
 class SandboxDaemon:
-    def __init__(self, state: SandboxState, config: SandboxConfig, vm: Hypervisor) -> None:
+    def __init__(
+        self, state: SandboxState, config: SandboxConfig, vm: Hypervisor, *, pooled: bool = False
+    ) -> None:
         self.state = state
+        # In the warm pool: once ready, the VM is paused until a `hako run` claims it.
+        self.pooled = pooled
+        self.claimed = threading.Event()
+        self.notify_fd = -1
         self.sandbox = Sandbox(config, vm, warn=lambda message: self.log(f"warning: {message}"))
         self.container_id = state.id
         self.run_dir = config.run_dir
@@ -98,6 +107,7 @@ class SandboxDaemon:
         s.register_method(SERVICE_NAME, "ReadStdout", pb.ReadStreamRequest, self.ReadStdout)
         s.register_method(SERVICE_NAME, "ReadStderr", pb.ReadStreamRequest, self.ReadStderr)
         s.register_method(SERVICE_NAME, "DestroySandbox", pb.DestroySandboxRequest, self.DestroySandbox)
+        s.register_method(DAEMON_SERVICE, "Claim", daemon_pb.ClaimRequest, self.Claim)
         s.set_fallback(self._forward)
 
     def log(self, message: str) -> None:
@@ -201,9 +211,42 @@ class SandboxDaemon:
     def DestroySandbox(self, request: pb.DestroySandboxRequest, ctx: CallContext | None) -> pb.Empty:
         self.log("stop requested")
         self.stop_requested.set()
+        if self.pooled and not self.claimed.is_set():
+            with contextlib.suppress(HakoError):
+                self.sandbox.vm.resume()  # a paused guest cannot shut down
         self._finish(137 if self.started.is_set() else 0, error=None, stopped=True)
         self.wake.set()
         return pb.Empty()
+
+    def Claim(self, request: daemon_pb.ClaimRequest, ctx: CallContext) -> daemon_pb.ClaimResponse:
+        with self._create_lock:
+            if not self.pooled or self.claimed.is_set() or self.state.status != Status.POOLED:
+                raise TtrpcError(codes.FAILED_PRECONDITION, "this sandbox is not waiting in the pool")
+            self.claimed.set()
+        started = time.monotonic()
+        try:
+            self.sandbox.vm.resume()
+            self.sandbox.renew_identity()
+            fd = os.open(request.notify_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except (HakoError, OSError) as exc:
+            self.log(f"claim failed: {exc}")
+            self._finish(125, error=f"the pooled sandbox failed: {exc}")
+            raise TtrpcError(codes.UNAVAILABLE, f"the pooled sandbox failed: {exc}") from exc
+        os.set_blocking(fd, True)
+        old, self.notify_fd = self.notify_fd, fd
+        with contextlib.suppress(OSError):
+            os.close(old)  # the filler's pipe, long since closed at its end
+        took = time.monotonic() - started
+        self.sandbox.timing.clear()  # restore and setup happened long ago, when the pool was filled
+        self.sandbox.timing["pool_take"] = took
+        self.state.name = request.name
+        self.state.auto_remove = request.auto_remove
+        self.state.created = request.created
+        self.state.status = Status.CREATING
+        self.state.timing = dict(self.sandbox.timing)
+        self.state.save()
+        self.log(f"claimed as {request.name} in {took * 1000:.0f} ms")
+        return daemon_pb.ClaimResponse(took=took)
 
     def _check_main(self, container_id: str) -> None:
         if container_id != self.container_id:
@@ -216,6 +259,12 @@ class SandboxDaemon:
             self.state.qemu_pid = self.sandbox.vm.pid  # another QEMU if a restore fell back to a boot
             self.state.guest_kernel_release = self.sandbox.kernel_release
             self.state.timing = dict(self.sandbox.timing)
+            if self.pooled:
+                self.sandbox.vm.pause()
+                self.state.status = Status.POOLED
+                self.state.save()
+                (self.run_dir / POOLED_MARK).touch()
+                notify(self.notify_fd, {"pooled": True})
             self.state.save()
         except HakoError as exc:
             self.log(f"boot failed: {exc}")
@@ -280,6 +329,7 @@ class SandboxDaemon:
 
     # -- main ----------------------------------------------------------------------------------
     def run(self, notify_fd: int) -> int:
+        self.notify_fd = notify_fd
         listener = listen_unix(self.run_dir / API_SOCKET)
         self.state.daemon_pid = os.getpid()
         self.state.daemon_start_ticks = process_start_ticks(os.getpid())
@@ -290,7 +340,7 @@ class SandboxDaemon:
         threading.Thread(target=self._boot, daemon=True, name="boot").start()
         threading.Thread(target=self.server.serve_listener, args=(listener,), daemon=True).start()
         signal.signal(signal.SIGTERM, lambda *_: self.DestroySandbox(pb.DestroySandboxRequest(), None))
-        notify(notify_fd, {"serving": True})
+        notify(self.notify_fd, {"serving": True})
         self._main_loop()
         self.server.shutdown()
         self.sandbox.stop()
@@ -303,7 +353,7 @@ class SandboxDaemon:
         final["status"] = self.state.status.value
         if self.state.auto_remove or not self.created.is_set():
             shutil.rmtree(self.run_dir, ignore_errors=True)  # --rm, or nothing was ever created
-        notify(notify_fd, {"final": final})
+        notify(self.notify_fd, {"final": final})
         return 0
 
     def _main_loop(self) -> None:
@@ -325,6 +375,8 @@ class SandboxDaemon:
                     return
             elif self.server.connection_count:
                 idle_since = time.monotonic()
+            elif self.pooled and not self.claimed.is_set():
+                idle_since = time.monotonic()  # waiting in the pool is what it is for
             elif not self.started.is_set() and time.monotonic() - idle_since > IDLE_TIMEOUT:
                 self.log("nobody created or started the container: giving up")
                 self._finish(0, error="never started", stopped=True)

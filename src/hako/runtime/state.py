@@ -33,6 +33,7 @@ class Status(str, Enum):
     RUNNING = "running"
     EXITED = "exited"  # the container's main process ended
     DEAD = "dead"  # the VM died under it, or its daemon vanished
+    POOLED = "pooled"  # a restored, paused VM in the warm pool, not yet a container's
 
     def __str__(self) -> str:
         return self.value
@@ -59,6 +60,7 @@ class SandboxState:
     daemon_start_ticks: int | None = None
     qemu_pid: int | None = None
     guest_kernel_release: str | None = None
+    template: str | None = None  # the key of the VM template it was restored from
     timing: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -89,7 +91,7 @@ class SandboxState:
 
     def effective_status(self) -> Status:
         """The recorded status, corrected to DEAD if the daemon vanished without saying so."""
-        if self.status in (Status.CREATING, Status.RUNNING) and not self.daemon_alive():
+        if self.status in (Status.CREATING, Status.RUNNING, Status.POOLED) and not self.daemon_alive():
             return Status.DEAD
         return self.status
 
@@ -102,6 +104,8 @@ def process_start_ticks(pid: int) -> int | None:
         return None
     # Field 22, counted after the parenthesised command name (which may contain spaces).
     fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        return None  # a zombie has ended: it is only waiting to be reaped
     return int(fields[19])
 
 
@@ -188,15 +192,20 @@ def creation_lock() -> Iterator[None]:
         yield
 
 
+def check_name_free(name: str, claimant: SandboxState | None = None) -> None:
+    """UsageError if another sandbox has ``name`` (call it under :func:`creation_lock`)."""
+    for other in all_states():
+        if other.name == name and (claimant is None or other.id != claimant.id):
+            raise UsageError(
+                f'the name "{name}" is already in use by container {other.short_id}: '
+                "remove it (hako rm) or choose another name"
+            )
+
+
 def reserve(state: SandboxState) -> None:
     """Create the sandbox's directory and first state file, refusing a name in use."""
     with creation_lock():
-        for other in all_states():
-            if other.name == state.name:
-                raise UsageError(
-                    f'the name "{state.name}" is already in use by container {other.short_id}: '
-                    "remove it (hako rm) or choose another name"
-                )
+        check_name_free(state.name)
         state.dir.mkdir(parents=True, mode=0o700)
         state.save()
 

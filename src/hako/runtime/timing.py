@@ -29,6 +29,7 @@ ORDER = (
     ("agent_init", "  agent init"),
     ("boot_total", "boot total (launch to agent ready)"),
     ("restore", "restore from template (launch to agent ready)"),
+    ("pool_take", "taken from the warm pool (resume, clock, entropy)"),
     ("sandbox_setup", "sandbox setup (9p share)"),
     ("container_create", "container create"),
     ("container_start", "container start"),

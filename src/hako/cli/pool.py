@@ -1,0 +1,147 @@
+"""``hako pool fill|ls|drain``: the warm pool of restored, paused sandboxes `hako run` takes.
+
+``fill N`` keeps N for a kernel (made now; `hako run` refills in the background after taking
+one), ``ls`` lists them, ``drain`` stops them all and keeps none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from hako import assets
+from hako.cli.common import accelerator, require_root
+from hako.cli.run import BASE_VM_MEMORY_MIB
+from hako.errors import HakoError, TemplateError, UsageError
+from hako.hypervisor import find_qemu
+from hako.runtime import pool, templates
+from hako.runtime.config import SandboxConfig
+from hako.runtime.state import SandboxState, Status, age, all_states, new_id, remove_dead, reserve
+
+READY_TIMEOUT = 180.0
+
+
+def add_parsers(commands: Any) -> None:
+    p = commands.add_parser("pool", help="the warm pool of restored, paused VMs hako run takes")
+    sub = p.add_subparsers(dest="action", required=True)
+    f = sub.add_parser("fill", help="keep N pooled sandboxes (made now)")
+    f.add_argument("size", type=int, nargs="?", help="how many to keep (default: as set before, else 1)")
+    f.add_argument("--kernel", choices=("trimmed", "debian"), default="trimmed", help="guest kernel")
+    f.add_argument("--refill", action="store_true", help=argparse.SUPPRESS)  # hako run's top-up
+    f.set_defaults(func=fill)
+    ls = sub.add_parser("ls", help="list pooled sandboxes")
+    ls.set_defaults(func=list_pool)
+    d = sub.add_parser("drain", help="stop every pooled sandbox and keep none")
+    d.set_defaults(func=drain)
+
+
+def fill(args: argparse.Namespace) -> int:
+    require_root("pool fill")
+    if args.size is not None and args.size < 0:
+        raise UsageError(f"hako pool fill {args.size}: give a size of 0 or more")
+    if args.size is not None:
+        pool.set_wanted(args.kernel, args.size)
+    elif pool.wanted(args.kernel) == 0 and not args.refill:  # a top-up never revives a drained pool
+        pool.set_wanted(args.kernel, 1)
+    with pool.locked():
+        while True:
+            have = [s for s in pool.members() if s.kernel == args.kernel]
+            if len(have) >= pool.wanted(args.kernel):  # drained meanwhile: wanted is 0
+                break
+            state = _add_one(args.kernel)
+            print(state.short_id)
+    return 0
+
+
+def _add_one(kernel_kind: str) -> SandboxState:
+    from hako.runtime.launch import fork_sandbox
+
+    accel = accelerator("auto")
+    sandbox_id = new_id()
+    state = SandboxState(
+        id=sandbox_id,
+        name=f"pool-{sandbox_id[:12]}",
+        image="",
+        command=[],
+        created=time.time(),
+        kernel=kernel_kind,
+        accel=accel.name,
+        accel_reason=accel.reason,
+        memory_mib=BASE_VM_MEMORY_MIB,
+        vcpus=1,
+    )
+    config = SandboxConfig(
+        sandbox_id=sandbox_id,
+        hostname=sandbox_id[:12],
+        kernel=assets.kernel(kernel_kind),
+        image=assets.guest_image(kernel_kind),
+        memory_mib=BASE_VM_MEMORY_MIB,
+        vcpus=1,
+        accel=accel,
+        run_dir=state.dir,
+    )
+    find_qemu()
+    config = templates.for_sandbox(config, "auto", warn=_warn)
+    if config.template is None:
+        raise TemplateError("the pool holds VMs restored from a template, and there is none")
+    state.template = config.template.name
+    reserve(state)
+    pid, notify = fork_sandbox(state, config, pooled=True)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            message = notify.next(timeout=max(0.0, deadline - time.monotonic()))
+            if message is None or "final" in message or "error" in message:
+                reason = (message or {}).get("error") or ((message or {}).get("final") or {}).get("error")
+                raise HakoError(f"a pooled sandbox failed to start: {reason or 'its daemon went away'}")
+            if "pooled" in message:
+                return state
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        with contextlib.suppress(OSError, ValueError):
+            remove_dead(SandboxState.load(state.dir))
+        raise
+    finally:
+        notify.close()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+
+
+def list_pool(args: argparse.Namespace) -> int:
+    rows = [("SANDBOX", "KERNEL", "TEMPLATE", "STATUS", "CREATED")]
+    ready = pool.members()
+    for state in all_states():
+        if state.status != Status.POOLED:
+            continue
+        status = "ready" if state in ready else str(state.effective_status())
+        created = age(time.time() - state.created)
+        rows.append((state.short_id, state.kernel, state.template or "-", status, created))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def drain(args: argparse.Namespace) -> int:
+    require_root("pool drain")
+    from hako.cli.manage import remove_sandbox
+
+    for kernel in ("trimmed", "debian"):
+        if pool.wanted(kernel):
+            pool.set_wanted(kernel, 0)
+    with pool.locked():  # a fill in progress finishes first, and then sees it is not wanted
+        for state in all_states():
+            if state.status == Status.POOLED:
+                remove_sandbox(state, force=True)
+                print(state.short_id)
+    return 0
+
+
+def _warn(message: str) -> None:
+    print(f"hako: {message}", file=sys.stderr)

@@ -1,0 +1,109 @@
+"""The warm pool: sandboxes restored from a template, set up, and paused, for `hako run` to take.
+
+A pooled sandbox is an ordinary sandbox (a daemon, its run dir, its state) whose daemon was
+told to wait: once its VM is restored and the agent has set the sandbox up (the shared
+directory mounted, its hostname and entropy given), the VM is paused and the state says
+``pooled``. Taking one is renaming its ``pooled`` mark (atomic: one taker wins), then the
+daemon's ``Claim``: the VM resumes, takes the host's clock and fresh entropy, and the
+sandbox becomes the new container. A paused VM uses no CPU; its memory is what a clone's is.
+
+How many to keep is ``<run root>/pool.json`` (``hako pool fill N`` sets it); ``hako run``
+starts a refill in the background after it took one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from hako.runtime import paths
+from hako.runtime.state import SandboxState, Status, all_states
+
+POOL_FILE = "pool.json"
+POOLED_MARK = "pooled"  # in the run dir while the sandbox waits in the pool
+CLAIMED_MARK = "claimed"
+
+
+def _file() -> Path:
+    return paths.run_root() / POOL_FILE
+
+
+def wanted(kernel: str) -> int:
+    """How many pooled sandboxes to keep for ``kernel`` (0: no pool)."""
+    try:
+        sizes = json.loads(_file().read_text())
+    except (OSError, ValueError):
+        return 0
+    size = sizes.get(kernel, 0) if isinstance(sizes, dict) else 0
+    return size if isinstance(size, int) and size > 0 else 0
+
+
+def set_wanted(kernel: str, size: int) -> None:
+    """Keep ``size`` for ``kernel`` (not under the fill lock: a drain must not wait for a fill
+    to finish to say that no more are wanted; the fill reads it before each one it makes)."""
+    try:
+        sizes = json.loads(_file().read_text())
+    except (OSError, ValueError):
+        sizes = {}
+    sizes = sizes if isinstance(sizes, dict) else {}
+    sizes[kernel] = size
+    _file().parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = _file().with_name(f".{POOL_FILE}.{os.getpid()}")
+    tmp.write_text(json.dumps(sizes))
+    os.replace(tmp, _file())
+
+
+@contextlib.contextmanager
+def locked() -> Iterator[None]:
+    """One filler (or drainer) at a time."""
+    root = paths.run_root()
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(root / "pool.lock", "w") as lock:
+        # A POSIX record lock, not flock: the sandbox daemons a fill forks must not inherit it.
+        fcntl.lockf(lock, fcntl.LOCK_EX)
+        yield
+
+
+def members(template: str | None = None) -> list[SandboxState]:
+    """Pooled sandboxes that can still be taken (of ``template``, if given)."""
+    found = []
+    for state in all_states():
+        if state.status != Status.POOLED or not state.daemon_alive():
+            continue
+        if template is not None and state.template != template:
+            continue
+        if (state.dir / POOLED_MARK).exists():
+            found.append(state)
+    return found
+
+
+def take(template: str) -> SandboxState | None:
+    """A pooled sandbox of ``template``, now the caller's (None if the pool has none)."""
+    for state in members(template):
+        try:
+            os.rename(state.dir / POOLED_MARK, state.dir / CLAIMED_MARK)
+        except FileNotFoundError:
+            continue  # another taker was faster
+        return state
+    return None
+
+
+def refill_in_background(kernel: str) -> None:
+    """Start ``hako pool fill`` for ``kernel``, detached, if a pool is wanted and is short."""
+    if wanted(kernel) <= len([s for s in members() if s.kernel == kernel]):
+        return
+    with open(os.devnull, "r+b") as devnull:
+        subprocess.Popen(
+            [sys.executable, "-m", "hako.cli.main", "pool", "fill", "--refill", "--kernel", kernel],
+            stdin=devnull,
+            stdout=devnull,
+            stderr=devnull,
+            start_new_session=True,
+            close_fds=True,
+        )

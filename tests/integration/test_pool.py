@@ -1,0 +1,129 @@
+"""The warm pool: restored, paused sandboxes that `hako run` takes instead of restoring one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import BUSYBOX, Hako, qemu_pids_under
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def pooled(hako: Hako) -> Iterator[Hako]:
+    """A hako whose pool is drained at the end (a background refill included)."""
+    yield hako
+    drained = hako("pool", "drain", timeout=300)
+    assert drained.returncode == 0, drained.stderr
+    assert _members(hako) == []
+
+
+def _members(hako: Hako) -> list[str]:
+    return [line.split()[0] for line in hako("pool", "ls", check=True).stdout.splitlines()[1:]]
+
+
+def _ready(hako: Hako) -> list[str]:
+    return [
+        line.split()[0]
+        for line in hako("pool", "ls", check=True).stdout.splitlines()[1:]
+        if " ready " in line
+    ]
+
+
+def _wait_ready(hako: Hako, count: int, timeout: float = 120) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while len(ready := _ready(hako)) < count:
+        assert time.monotonic() < deadline, f"the pool did not refill: {hako('pool', 'ls').stdout}"
+        time.sleep(0.5)
+    return ready
+
+
+def _timed_run(hako: Hako, *args: str) -> tuple[dict[str, float], str]:
+    result = hako("run", "--rm", "--timing-json", *args)
+    assert result.returncode == 0, result.stderr
+    figures: dict[str, float] = json.loads(result.stderr.strip().splitlines()[-1])["timing"]
+    return figures, result.stdout
+
+
+def test_run_takes_a_pooled_sandbox_and_the_pool_refills(pooled: Hako) -> None:
+    hako = pooled
+    [member] = hako("pool", "fill", "1", check=True).stdout.split()
+    assert _ready(hako) == [member]
+    assert member not in hako("ps", "-a", check=True).stdout  # not a container (yet)
+
+    before = time.time()
+    figures, out = _timed_run(hako, BUSYBOX, "sh", "-c", "hostname; date +%s")
+    hostname, clock = out.split()
+    assert "pool_take" in figures and "restore" not in figures and "guest_kernel" not in figures
+    assert hostname == member  # the sandbox id is the container's: the pooled one's
+    assert before - 2 <= int(clock) <= time.time() + 2  # the host's clock, not the pause's
+
+    [refilled] = _wait_ready(hako, 1)
+    assert refilled != member
+    assert not any(p.name.startswith(member) for p in hako.sandbox_dirs())  # --rm: gone
+
+
+def test_pooled_sandboxes_have_their_own_randomness(pooled: Hako) -> None:
+    hako = pooled
+    hako("pool", "fill", "2", check=True)
+    outputs = set()
+    for _ in range(2):
+        _wait_ready(hako, 1)
+        figures, out = _timed_run(hako, BUSYBOX, "sh", "-c", "head -c 32 /dev/urandom | od -An -tx1")
+        assert "pool_take" in figures
+        outputs.add(out)
+    assert len(outputs) == 2
+
+
+def test_template_off_private_and_no_pool_do_not_take_from_the_pool(pooled: Hako) -> None:
+    hako = pooled
+    [member] = hako("pool", "fill", "1", check=True).stdout.split()
+    for flags in (["--template", "off"], ["--template", "private"], ["--no-pool"]):
+        figures, _ = _timed_run(hako, *flags, BUSYBOX, "true")
+        assert "pool_take" not in figures
+    assert _ready(hako) == [member]
+
+
+def test_a_dead_pool_member_is_not_taken(pooled: Hako) -> None:
+    hako = pooled
+    [member] = hako("pool", "fill", "1", check=True).stdout.split()
+    [directory] = [d for d in hako.sandbox_dirs() if d.name.startswith(member)]
+    daemon = json.loads((directory / "state.json").read_text())["daemon_pid"]
+    os.kill(daemon, signal.SIGKILL)  # its QEMU dies with it
+    deadline = time.monotonic() + 10
+    while qemu_pids_under(directory) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    figures, out = _timed_run(hako, BUSYBOX, "echo", "fine")
+    assert out == "fine\n" and "pool_take" not in figures
+    assert member in hako("pool", "ls", check=True).stdout and "dead" in hako("pool", "ls").stdout
+
+
+def test_drain_leaves_nothing(pooled: Hako) -> None:
+    hako = pooled
+    hako("pool", "fill", "2", check=True)
+    assert len(_members(hako)) == 2
+    assert len(hako("pool", "drain", check=True).stdout.split()) == 2
+    assert _members(hako) == []
+    assert hako.sandbox_dirs() == []
+    assert qemu_pids_under(hako.run_root) == []
+    # a drained pool stays empty: a later run does not refill it
+    _timed_run(hako, BUSYBOX, "true")
+    time.sleep(3)
+    assert _members(hako) == []
+
+
+def test_bad_pool_size(hako: Hako) -> None:
+    result = hako("pool", "fill", "-1")
+    assert result.returncode == 125 and "0 or more" in result.stderr
+    assert (
+        not (hako.run_root / "pool.json").exists()
+        or json.loads((hako.run_root / "pool.json").read_text()) == {}
+    )
+    assert Path(hako.run_root).is_dir()
