@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -283,16 +283,31 @@ def _write_layout_tar(layout: Path, tar_path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    return image_main(
+        argv,
         prog="python -m hako.image.busybox",
         description="Build the busybox OCI image from Debian's busybox-static.",
+        build=build_busybox_image,
+        default_name=DEFAULT_NAME,
     )
+
+
+def image_main(
+    argv: list[str] | None,
+    *,
+    prog: str,
+    description: str,
+    build: Callable[..., Path],
+    default_name: str,
+) -> int:
+    """The command line of an image builder: ``OUTDIR [--tar] [--name NAME]``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("outdir", type=Path, help="where to write the OCI image layout")
     parser.add_argument("--tar", action="store_true", help="also write OUTDIR.tar, a tar of the layout")
-    parser.add_argument("--name", default=DEFAULT_NAME, help=f"image name to record (default {DEFAULT_NAME})")
+    parser.add_argument("--name", default=default_name, help=f"image name to record (default {default_name})")
     args = parser.parse_args(argv)
     try:
-        path = build_busybox_image(args.outdir, tar=args.tar, name=args.name)
+        path = build(args.outdir, tar=args.tar, name=args.name)
     except HakoError as err:
         print(f"hako: {err}", file=sys.stderr)
         return err.exit_code

@@ -14,13 +14,10 @@ writes an OCI image layout to OUTDIR (and, with --tar, OUTDIR.tar, a tar of that
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
-from hako.errors import HakoError
-from hako.image.busybox import build_image_from_busybox
+from hako.image.busybox import build_image_from_busybox, image_main
 
 DEFAULT_NAME = "hako.local/pause:latest"
 # Sleep in the background so that the shell is in ``wait``, which a trapped signal interrupts
@@ -38,22 +35,13 @@ def build_pause_image(out: Path, *, tar: bool = False, name: str = DEFAULT_NAME)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    return image_main(
+        argv,
         prog="python -m hako.image.pause",
         description="Build the pause image (a CRI pod's sandbox container) from Debian's busybox-static.",
+        build=build_pause_image,
+        default_name=DEFAULT_NAME,
     )
-    parser.add_argument("outdir", type=Path, help="where to write the OCI image layout")
-    parser.add_argument("--tar", action="store_true", help="also write OUTDIR.tar, a tar of the layout")
-    parser.add_argument("--name", default=DEFAULT_NAME, help=f"image name to record (default {DEFAULT_NAME})")
-    args = parser.parse_args(argv)
-    try:
-        path = build_pause_image(args.outdir, tar=args.tar, name=args.name)
-    except HakoError as err:
-        print(f"hako: {err}", file=sys.stderr)
-        return err.exit_code
-    index = json.loads((args.outdir / "index.json").read_text())
-    print(f"{path} {index['manifests'][0]['digest']}")
-    return 0
 
 
 if __name__ == "__main__":
