@@ -48,7 +48,11 @@ def fill(args: argparse.Namespace) -> int:
         pool.set_wanted(args.kernel, args.size)
     elif pool.wanted(args.kernel) == 0 and not args.refill:  # a top-up never revives a drained pool
         pool.set_wanted(args.kernel, 1)
+    from hako.cli.manage import remove_sandbox
+
     with pool.locked():
+        for state in pool.stale():
+            remove_sandbox(state, force=True)
         while True:
             have = [s for s in pool.members() if s.kernel == args.kernel]
             if len(have) >= pool.wanted(args.kernel):  # drained meanwhile: wanted is 0

@@ -71,16 +71,33 @@ def locked() -> Iterator[None]:
 
 
 def members(template: str | None = None) -> list[SandboxState]:
-    """Pooled sandboxes that can still be taken (of ``template``, if given)."""
-    found = []
-    for state in all_states():
-        if state.status != Status.POOLED or not state.daemon_alive():
-            continue
-        if template is not None and state.template != template:
-            continue
-        if (state.dir / POOLED_MARK).exists():
-            found.append(state)
-    return found
+    """Pooled sandboxes that can still be taken (of ``template``, if given): alive, unclaimed,
+    and of a template that still exists (one of changed inputs is gone: see :func:`stale`)."""
+    return [
+        state
+        for state in all_states()
+        if state.status == Status.POOLED
+        and state.daemon_alive()
+        and (template is None or state.template == template)
+        and (state.dir / POOLED_MARK).exists()
+        and _template_exists(state)
+    ]
+
+
+def stale() -> list[SandboxState]:
+    """Pooled sandboxes nobody will take: their daemon died, or their template was removed
+    (its kernel, guest image or QEMU changed)."""
+    return [
+        state
+        for state in all_states()
+        if state.status == Status.POOLED and (not state.daemon_alive() or not _template_exists(state))
+    ]
+
+
+def _template_exists(state: SandboxState) -> bool:
+    from hako.runtime.templates import templates_dir
+
+    return state.template is not None and (templates_dir() / state.template).is_dir()
 
 
 def take(template: str) -> SandboxState | None:

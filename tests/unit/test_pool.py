@@ -1,0 +1,96 @@
+"""The warm pool's bookkeeping, without VMs: who is a member, taking one, what is stale, the size."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hako.runtime import pool
+from hako.runtime.state import SandboxState, Status, new_id, process_start_ticks
+
+
+@pytest.fixture(autouse=True)
+def roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("HAKO_RUN", str(tmp_path / "run"))
+    monkeypatch.setenv("HAKO_TEMPLATES", str(tmp_path / "templates"))
+    (tmp_path / "templates" / "tpl-a").mkdir(parents=True)
+    (tmp_path / "templates" / "tpl-b").mkdir(parents=True)
+    return tmp_path
+
+
+def _pooled(template: str = "tpl-a", *, alive: bool = True, marked: bool = True) -> SandboxState:
+    sandbox_id = new_id()
+    state = SandboxState(
+        id=sandbox_id,
+        name=f"pool-{sandbox_id[:12]}",
+        image="",
+        command=[],
+        created=0.0,
+        kernel="trimmed",
+        accel="tcg",
+        accel_reason="test",
+        memory_mib=256,
+        vcpus=1,
+        status=Status.POOLED,
+        template=template,
+        # a live process stands in for the daemon; a pid that cannot exist for a dead one
+        daemon_pid=os.getpid() if alive else 2**22 + 1,
+        daemon_start_ticks=process_start_ticks(os.getpid()),
+    )
+    state.dir.mkdir(parents=True)
+    state.save()
+    if marked:
+        (state.dir / pool.POOLED_MARK).touch()
+    return state
+
+
+def test_members_are_alive_unclaimed_and_of_the_template() -> None:
+    ready = _pooled()
+    _pooled("tpl-b")
+    _pooled(alive=False)
+    _pooled(marked=False)  # claimed by someone already
+    assert [s.id for s in pool.members("tpl-a")] == [ready.id]
+    assert len(pool.members()) == 2
+
+
+def test_take_is_once(roots: Path) -> None:
+    only = _pooled()
+    taken = pool.take("tpl-a")
+    assert taken is not None and taken.id == only.id
+    assert (only.dir / pool.CLAIMED_MARK).exists() and not (only.dir / pool.POOLED_MARK).exists()
+    assert pool.take("tpl-a") is None
+    assert pool.take("tpl-b") is None
+
+
+def test_stale_members_are_the_dead_and_those_of_removed_templates(roots: Path) -> None:
+    ready = _pooled()
+    dead = _pooled(alive=False)
+    orphan = _pooled("tpl-b")
+    (roots / "templates" / "tpl-b").rmdir()  # its inputs changed: the template was pruned
+    assert {s.id for s in pool.stale()} == {dead.id, orphan.id}
+    assert [s.id for s in pool.members()] == [ready.id]
+
+
+def test_wanted_sizes_per_kernel() -> None:
+    assert pool.wanted("trimmed") == 0
+    pool.set_wanted("trimmed", 3)
+    pool.set_wanted("debian", 1)
+    assert (pool.wanted("trimmed"), pool.wanted("debian")) == (3, 1)
+    pool.set_wanted("trimmed", 0)
+    assert pool.wanted("trimmed") == 0
+
+
+def test_no_refill_unless_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "Popen", lambda argv, **kw: started.append(argv))
+    pool.refill_in_background("trimmed")  # no pool wanted
+    _pooled()
+    pool.set_wanted("trimmed", 1)
+    pool.refill_in_background("trimmed")  # full
+    assert started == []
+    pool.set_wanted("trimmed", 2)
+    pool.refill_in_background("trimmed")
+    assert len(started) == 1 and started[0][-4:] == ["fill", "--refill", "--kernel", "trimmed"]
