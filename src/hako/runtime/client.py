@@ -1,4 +1,5 @@
-"""Talking to a running sandbox's daemon from another process (the CLI)."""
+"""Talking to a running sandbox's daemon from another process (the CLI); kept light, as it is
+on the path of every `hako run` and `hako exec`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 from hako.errors import SandboxError
 from hako.runtime.agent import AgentClient, translate
-from hako.runtime.sandboxd import API_SOCKET, DAEMON_SERVICE
+from hako.runtime.paths import API_SOCKET
 from hako.runtime.sockets import connect_unix
 from hako.runtime.state import SandboxState
 
@@ -28,11 +29,12 @@ def claim(client: AgentClient, name: str, *, auto_remove: bool, notify_path: Pat
     from hako_api import daemon_pb2
     from hako_ttrpc import TtrpcError
 
+    service = daemon_pb2.DESCRIPTOR.services_by_name["Daemon"].full_name
     request = daemon_pb2.ClaimRequest(
         name=name, auto_remove=auto_remove, created=time.time(), notify_path=str(notify_path)
     )
     try:
-        response = client.client.call(DAEMON_SERVICE, "Claim", request, daemon_pb2.ClaimResponse, timeout=30)
+        response = client.client.call(service, "Claim", request, daemon_pb2.ClaimResponse, timeout=30)
     except TtrpcError as exc:
         raise translate(exc, "Claim") from exc
     return float(response.took)

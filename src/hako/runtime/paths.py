@@ -21,3 +21,6 @@ def sandboxes_dir() -> Path:
 
 def sandbox_dir(sandbox_id: str) -> Path:
     return sandboxes_dir() / sandbox_id
+
+
+API_SOCKET = "api.sock"  # in a sandbox's run dir: its daemon's API (hako.runtime.sandboxd)

@@ -42,6 +42,7 @@ from hako.runtime.agent import SERVICE_NAME
 from hako.runtime.config import SandboxConfig
 from hako.runtime.launch import notify
 from hako.runtime.output import STDERR, STDOUT, Channel, OutputLog
+from hako.runtime.paths import API_SOCKET
 from hako.runtime.pool import POOLED_MARK
 from hako.runtime.sandbox import Sandbox
 from hako.runtime.sockets import listen_unix
@@ -50,7 +51,6 @@ from hako_api import agent_pb2 as pb
 from hako_api import daemon_pb2 as daemon_pb
 from hako_ttrpc import CallContext, Server, TtrpcError, codes
 
-API_SOCKET = "api.sock"
 DAEMON_SERVICE = daemon_pb.DESCRIPTOR.services_by_name["Daemon"].full_name
 ATTACH_KEY = "hako-attach"
 IMAGE_KEY = "hako-image"
