@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Sequence
 
 from hako.errors import UsageError
 from hako.hypervisor import Accelerator, choose
@@ -34,3 +35,11 @@ def process_age() -> float:
         fields = stat.read().rpartition(")")[2].split()
     started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
     return time.clock_gettime(time.CLOCK_BOOTTIME) - started
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[object]], gap: str = "  ") -> None:
+    """Columns padded to their widest cell, as `docker ps` prints them."""
+    lines = [[str(cell) for cell in row] for row in [header, *rows]]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        print(gap.join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hako.cli.attach import Attachment, raw_terminal
-from hako.cli.common import require_root
+from hako.cli.common import print_table, require_root
 from hako.cli.options import parse_signal
 from hako.errors import ContainerError, HakoError, UsageError
 from hako.oci.spec import merge_env
@@ -96,11 +96,7 @@ def ps(args: argparse.Namespace) -> int:
         )
     if not args.quiet:
         header = ("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "VM", "NAMES")
-        widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-        for row in [header, *rows]:
-            print(
-                "   ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-            )
+        print_table(header, rows, gap="   ")
     return 0
 
 

@@ -15,8 +15,8 @@ import time
 from typing import Any
 
 from hako import assets
-from hako.cli.common import accelerator, require_root
-from hako.cli.run import BASE_VM_MEMORY_MIB
+from hako.cli.common import accelerator, print_table, require_root
+from hako.cli.run import vm_size
 from hako.errors import HakoError, TemplateError, UsageError
 from hako.hypervisor import find_qemu
 from hako.runtime import pool, templates
@@ -66,6 +66,7 @@ def _add_one(kernel_kind: str) -> SandboxState:
     from hako.runtime.launch import fork_sandbox
 
     accel = accelerator("auto")
+    memory_mib, vcpus = vm_size(None, None)  # the VM `hako run` gives a container without limits
     sandbox_id = new_id()
     state = SandboxState(
         id=sandbox_id,
@@ -76,16 +77,16 @@ def _add_one(kernel_kind: str) -> SandboxState:
         kernel=kernel_kind,
         accel=accel.name,
         accel_reason=accel.reason,
-        memory_mib=BASE_VM_MEMORY_MIB,
-        vcpus=1,
+        memory_mib=memory_mib,
+        vcpus=vcpus,
     )
     config = SandboxConfig(
         sandbox_id=sandbox_id,
         hostname=sandbox_id[:12],
         kernel=assets.kernel(kernel_kind),
         image=assets.guest_image(kernel_kind),
-        memory_mib=BASE_VM_MEMORY_MIB,
-        vcpus=1,
+        memory_mib=memory_mib,
+        vcpus=vcpus,
         accel=accel,
         run_dir=state.dir,
     )
@@ -118,7 +119,7 @@ def _add_one(kernel_kind: str) -> SandboxState:
 
 
 def list_pool(args: argparse.Namespace) -> int:
-    rows = [("SANDBOX", "KERNEL", "TEMPLATE", "STATUS", "CREATED")]
+    rows = []
     ready = pool.members()
     for state in all_states():
         if state.status != Status.POOLED:
@@ -126,9 +127,7 @@ def list_pool(args: argparse.Namespace) -> int:
         status = "ready" if state in ready else str(state.effective_status())
         created = age(time.time() - state.created)
         rows.append((state.short_id, state.kernel, state.template or "-", status, created))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    print_table(("SANDBOX", "KERNEL", "TEMPLATE", "STATUS", "CREATED"), rows)
     return 0
 
 

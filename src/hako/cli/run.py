@@ -80,6 +80,12 @@ def add_parsers(commands: Any) -> None:
     p.set_defaults(func=run)
 
 
+def vm_size(memory: int | None, cpus: float | None) -> tuple[int, int]:
+    """The VM for a container limited to ``memory`` bytes and ``cpus`` CPUs: MiB and vCPUs (one
+    rule for `hako run`, `hako template create` and the pool, so that their templates agree)."""
+    return BASE_VM_MEMORY_MIB + (memory or 0) // (1 << 20), min(MAX_VCPUS, max(1, math.ceil(cpus or 1)))
+
+
 def run(args: argparse.Namespace) -> int:
     require_root("run")
     if args.detach and (args.timing or args.timing_json):
@@ -93,8 +99,7 @@ def run(args: argparse.Namespace) -> int:
     find_qemu()
 
     sandbox_id = new_id()
-    vcpus = min(MAX_VCPUS, max(1, math.ceil(cpus or 1)))
-    vm_memory = BASE_VM_MEMORY_MIB + (memory or 0) // (1 << 20)
+    vm_memory, vcpus = vm_size(memory, cpus)
     state = SandboxState(
         id=sandbox_id,
         name=args.name or random_name(),

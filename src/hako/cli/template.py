@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import sys
 from typing import Any
 
 from hako import assets
-from hako.cli.common import accelerator, require_root
+from hako.cli.common import accelerator, print_table, require_root
 from hako.cli.options import parse_cpus, parse_memory
-from hako.cli.run import BASE_VM_MEMORY_MIB, MAX_VCPUS
+from hako.cli.run import vm_size
 from hako.errors import UsageError
 from hako.hypervisor import find_qemu
 from hako.runtime import paths, templates
@@ -46,13 +45,14 @@ def create(args: argparse.Namespace) -> int:
     memory = parse_memory(args.memory) if args.memory else None
     cpus = parse_cpus(args.cpus) if args.cpus else None
     accel = accelerator(args.accel)
+    memory_mib, vcpus = vm_size(memory, cpus)
     config = SandboxConfig(
         sandbox_id="template",
         hostname="template",
         kernel=assets.kernel(args.kernel),
         image=assets.guest_image(args.kernel),
-        memory_mib=BASE_VM_MEMORY_MIB + (memory or 0) // (1 << 20),
-        vcpus=min(MAX_VCPUS, max(1, math.ceil(cpus or 1))),
+        memory_mib=memory_mib,
+        vcpus=vcpus,
         accel=accel,
         run_dir=paths.run_root() / "template-create",
         debug=args.debug,
@@ -66,7 +66,7 @@ def create(args: argparse.Namespace) -> int:
 
 
 def list_templates(args: argparse.Namespace) -> int:
-    rows = [("KEY", "KERNEL", "MEMORY", "VCPUS", "ACCEL", "RAM IN FILE", "CREATED")]
+    rows = []
     for template, meta in templates.listing():
         given = meta.get("inputs", {})
         created = meta.get("created")
@@ -81,9 +81,7 @@ def list_templates(args: argparse.Namespace) -> int:
                 datetime.datetime.fromtimestamp(created).strftime("%Y-%m-%d %H:%M") if created else "?",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    print_table(("KEY", "KERNEL", "MEMORY", "VCPUS", "ACCEL", "RAM IN FILE", "CREATED"), rows)
     return 0
 
 

@@ -262,10 +262,10 @@ class SandboxDaemon:
             if self.pooled:
                 self.sandbox.vm.pause()
                 self.state.status = Status.POOLED
-                self.state.save()
+            self.state.save()
+            if self.pooled:  # takers look for the mark, then find the state saved
                 (self.run_dir / POOLED_MARK).touch()
                 notify(self.notify_fd, {"pooled": True})
-            self.state.save()
         except HakoError as exc:
             self.log(f"boot failed: {exc}")
             self.boot_error = exc
