@@ -58,6 +58,8 @@ def test_members_are_alive_unclaimed_and_of_the_template() -> None:
 
 def test_take_is_once(roots: Path) -> None:
     only = _pooled()
+    assert pool.take("tpl-a") is None  # no pool was filled here (no pool.json): nothing is read
+    pool.set_wanted("trimmed", 1)  # as `hako pool fill` does
     taken = pool.take("tpl-a")
     assert taken is not None and taken.id == only.id
     assert (only.dir / pool.CLAIMED_MARK).exists() and not (only.dir / pool.POOLED_MARK).exists()

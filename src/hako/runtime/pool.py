@@ -102,6 +102,8 @@ def _template_exists(state: SandboxState) -> bool:
 
 def take(template: str) -> SandboxState | None:
     """A pooled sandbox of ``template``, now the caller's (None if the pool has none)."""
+    if not _file().exists():
+        return None  # no pool was ever filled here: not worth reading every sandbox's state
     for state in members(template):
         try:
             os.rename(state.dir / POOLED_MARK, state.dir / CLAIMED_MARK)
