@@ -1,4 +1,5 @@
-"""Just enough ELF (64-bit, little-endian) to find which shared libraries a binary needs."""
+"""Just enough ELF (64-bit, little-endian) to find which shared libraries a binary needs, and where
+it asks the dynamic loader to look for them."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PT_LOAD, PT_DYNAMIC, PT_INTERP = 1, 2, 3
-DT_NULL, DT_NEEDED, DT_STRTAB = 0, 1, 5
+DT_NULL, DT_NEEDED, DT_STRTAB, DT_RPATH, DT_RUNPATH = 0, 1, 5, 15, 29
 
 
 @dataclass(frozen=True)
 class Dynamic:
     interpreter: str | None  # PT_INTERP, e.g. /lib64/ld-linux-x86-64.so.2
     needed: tuple[str, ...]  # DT_NEEDED sonames, in order
+    runpath: tuple[str, ...] = ()  # DT_RUNPATH or DT_RPATH directories, as written ($ORIGIN unexpanded)
 
 
 def is_elf(path: Path) -> bool:
@@ -25,7 +27,8 @@ def is_elf(path: Path) -> bool:
 
 
 def dynamic(path: Path) -> Dynamic:
-    """PT_INTERP and DT_NEEDED of an ELF64 LE file; static binaries give (None, ())."""
+    """PT_INTERP, DT_NEEDED and DT_RUNPATH (else DT_RPATH) of an ELF64 LE file; static binaries
+    give (None, ())."""
     data = path.read_bytes()
     if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
         raise ValueError(f"{path}: not a 64-bit little-endian ELF file")
@@ -47,6 +50,7 @@ def dynamic(path: Path) -> Dynamic:
     if dyn is None:
         return Dynamic(interp, ())
     needed_offsets: list[int] = []
+    search_offsets: dict[int, int] = {}  # tag (DT_RPATH, DT_RUNPATH): string offset
     strtab_vaddr = None
     off, size = dyn
     for pos in range(off, off + size, 16):
@@ -57,13 +61,19 @@ def dynamic(path: Path) -> Dynamic:
             needed_offsets.append(val)
         elif tag == DT_STRTAB:
             strtab_vaddr = val
+        elif tag in (DT_RPATH, DT_RUNPATH):
+            search_offsets[tag] = val
     if strtab_vaddr is None:
         return Dynamic(interp, ())
     strtab = next((o + strtab_vaddr - v for v, o, s in loads if v <= strtab_vaddr < v + s), None)
     if strtab is None:
         raise ValueError(f"{path}: DT_STRTAB is outside every PT_LOAD segment")
-    needed = []
-    for name_off in needed_offsets:
-        start = strtab + name_off
-        needed.append(data[start : data.index(b"\0", start)].decode())
-    return Dynamic(interp, tuple(needed))
+    needed = tuple(_string(data, strtab + offset) for offset in needed_offsets)
+    # The loader ignores DT_RPATH when DT_RUNPATH is present.
+    search = search_offsets.get(DT_RUNPATH, search_offsets.get(DT_RPATH))
+    runpath = () if search is None else tuple(d for d in _string(data, strtab + search).split(":") if d)
+    return Dynamic(interp, needed, runpath)
+
+
+def _string(data: bytes, start: int) -> str:
+    return data[start : data.index(b"\0", start)].decode()

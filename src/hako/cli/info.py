@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,16 @@ from hako.cli.common import require_root
 from hako.errors import HakoError
 from hako.hypervisor import choose, find_qemu, probe_kvm
 from hako.image.busybox import build_busybox_image
+from hako.image.debian import build_fio_image, build_iperf3_image, build_nginx_image
 from hako.image.store import ImageStore
+
+# `hako image KIND OUT [--tar]`: the images built here, for the demo, the tests and benchmarks.
+IMAGE_BUILDERS: dict[str, tuple[Callable[..., Path], str]] = {
+    "busybox": (build_busybox_image, "build a busybox image layout from Debian's busybox-static"),
+    "nginx": (build_nginx_image, "build an nginx image layout (port 80) from Debian's nginx"),
+    "fio": (build_fio_image, "build a fio image layout from Debian's fio"),
+    "iperf3": (build_iperf3_image, "build an iperf3 image layout (server on port 5201) from Debian's iperf3"),
+}
 
 
 def add_parsers(commands: Any) -> None:
@@ -38,10 +48,11 @@ def add_parsers(commands: Any) -> None:
     r = sub.add_parser("rm", help="remove an image")
     r.add_argument("image")
     r.set_defaults(func=image_rm)
-    bb = sub.add_parser("busybox", help="build a busybox image layout from Debian's busybox-static")
-    bb.add_argument("out", help="output directory (or .tar file with --tar)")
-    bb.add_argument("--tar", action="store_true", help="write a tar instead of a directory")
-    bb.set_defaults(func=image_busybox)
+    for kind, (build, help_text) in IMAGE_BUILDERS.items():
+        b = sub.add_parser(kind, help=help_text)
+        b.add_argument("out", help="output directory (with --tar, the tar is OUT.tar beside it)")
+        b.add_argument("--tar", action="store_true", help="also write OUT.tar, a tar of the layout")
+        b.set_defaults(func=image_build, build=build)
 
     p = commands.add_parser("images", help="list images")
     p.set_defaults(func=image_ls)
@@ -102,7 +113,7 @@ def image_rm(args: argparse.Namespace) -> int:
     return 0
 
 
-def image_busybox(args: argparse.Namespace) -> int:
-    path = build_busybox_image(Path(args.out), tar=args.tar)
+def image_build(args: argparse.Namespace) -> int:
+    path = args.build(Path(args.out), tar=args.tar)
     print(path)
     return 0
