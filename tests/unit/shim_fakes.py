@@ -142,7 +142,8 @@ class FakeSandbox:
         return 1
 
     def wait(self, container_id: str, exec_id: str = "") -> int:
-        return self._exit_queue(container_id, exec_id).get(timeout=30)
+        # Until the test finishes the process, or stops the sandbox (as a VM dying would).
+        return self._exit_queue(container_id, exec_id).get()
 
     def finish(self, container_id: str, exec_id: str, status: int, stdout: bytes = b"") -> None:
         """The process writes ``stdout`` and exits with ``status``: its streams end, then its wait."""
@@ -157,6 +158,10 @@ class FakeSandbox:
 
     def stop(self) -> None:
         self.stopped += 1
+        with self._lock:
+            waiting = list(self._exits.values())
+        for exits in waiting:
+            exits.put(137)
 
 
 class RecordingPublisher(Publisher):
