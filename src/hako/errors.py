@@ -89,6 +89,10 @@ class AgentError(HakoError):
         self.code = code
 
 
+class NetworkError(HakoError):
+    """A sandbox's network: its namespace, tap, veth, bridge, addresses or published ports."""
+
+
 class SandboxError(HakoError):
     pass
 

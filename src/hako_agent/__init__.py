@@ -11,6 +11,8 @@ serves the host (every module costs boot time under emulation).
     spawn       forking container processes (namespaces, rootfs, credentials)
     spec        the OCI spec, parsed and checked
     cgroups     cgroup v2 limits, freezer, statistics
+    network     the guest's NIC, addresses and routes, as the host gives them
+    netlink     the few rtnetlink requests that takes
     stdio       pull-style process I/O
     reaper      the single waitpid loop
     linux       system calls through ctypes

@@ -7,20 +7,23 @@ JSON, strings, :class:`Storage`), never protobuf, and raises the errors of
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 import time
 
-from hako_agent import linux, log
+from hako_agent import linux, log, network
 from hako_agent.cgroups import DEFAULT_ROOT, Cgroup, CgroupStats, cgroup_relpath, is_cgroup2, render_resources
 from hako_agent.container import Container, Process
 from hako_agent.errors import AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument, NotFound
 from hako_agent.reaper import Reaper
-from hako_agent.spec import check_id, load_json, parse_mount_options, parse_resources, parse_spec
+from hako_agent.spec import Mount, Spec, check_id, load_json, parse_mount_options, parse_resources, parse_spec
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
+
+    from hako_agent.network import Interface, Route
 
 
 class Storage:
@@ -37,6 +40,37 @@ class Storage:
 
 
 _DRIVER_FSTYPE = {"9p": "9p", "virtio-fs": "virtiofs", "tmpfs": "tmpfs"}
+SYS_BLOCK = "/sys/block"
+
+
+def block_device(serial: str, field: str, sys_block: str = SYS_BLOCK) -> str:
+    """The /dev node of the virtio disk whose serial is ``serial`` (a "blk" storage's source;
+    a path under /dev is taken as it is)."""
+    if serial.startswith("/dev/"):
+        return serial
+    try:
+        names = sorted(os.listdir(sys_block))
+    except OSError:
+        names = []
+    for name in names:
+        try:
+            with open(f"{sys_block}/{name}/serial", encoding="ascii", errors="replace") as f:
+                found = f.read().strip()
+        except OSError:
+            continue
+        if found == serial:
+            return f"/dev/{name}"
+    raise InvalidArgument(f"{field}.source: no disk with serial {serial!r} in the guest")
+
+
+def drop_cached_blocks(device: str) -> None:
+    """Forget what the guest cached of ``device``: a disk slot's contents change under the guest
+    (a template's clone, a slot given another disk), while its cache still holds the old blocks."""
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, linux.BLKFLSBUF, 0)
+    finally:
+        os.close(fd)
 
 
 def mount_storage(storage: Storage, field: str) -> str:
@@ -49,7 +83,11 @@ def mount_storage(storage: Storage, field: str) -> str:
     fstype = storage.fstype or _DRIVER_FSTYPE.get(storage.driver, "")
     if not bind and not fstype:
         raise InvalidArgument(f"{field}.fstype: missing for driver {storage.driver!r}")
+    source = storage.source
     try:
+        if storage.driver == "blk":
+            source = block_device(storage.source, field)
+            drop_cached_blocks(source)
         if bind and not os.path.isdir(storage.source):
             os.makedirs(os.path.dirname(target), exist_ok=True)
             if not os.path.exists(target):
@@ -62,14 +100,14 @@ def mount_storage(storage: Storage, field: str) -> str:
             if extra:
                 linux.mount(None, target, None, linux.MS_BIND | linux.MS_REMOUNT | extra)
         else:
-            linux.mount(storage.source or fstype, target, fstype, options.flags, options.data or None)
+            linux.mount(source or fstype, target, fstype, options.flags, options.data or None)
         for propagation in options.propagation:
             linux.mount(None, target, None, propagation)
     except OSError as exc:
         raise InvalidArgument(
-            f"{field}: cannot mount {storage.source!r} ({fstype or 'bind'}) on {target}: {exc.strerror}"
+            f"{field}: cannot mount {source!r} ({fstype or 'bind'}) on {target}: {exc.strerror}"
         ) from None
-    log.debug(f"mounted {storage.source} on {target}")
+    log.debug(f"mounted {source} on {target}")
     return target
 
 
@@ -94,17 +132,28 @@ class Sandbox:
         self._creating: set[str] = set()
 
     # -- sandbox --------------------------------------------------------------------------------
-    def setup(self, hostname: str, storages: list[Storage], dns: list[str], time_unix_ns: int) -> None:
+    def setup(
+        self,
+        hostname: str,
+        storages: list[Storage],
+        dns: list[str],
+        time_unix_ns: int,
+        interfaces: Sequence[Interface] = (),
+        routes: Sequence[Route] = (),
+    ) -> None:
         if time_unix_ns:
             time.clock_settime_ns(time.CLOCK_REALTIME, time_unix_ns)
         if hostname:
             if len(hostname.encode()) > 64:
                 raise InvalidArgument("hostname: longer than 64 bytes")
             linux.sethostname(hostname)
+        if interfaces or routes:
+            network.configure(interfaces, routes)
         for i, storage in enumerate(storages):
             self.storages.append(mount_storage(storage, f"storages[{i}]"))
         if dns:
             write_resolv_conf(dns)
+        write_hosts(hostname or os.uname().nodename, [a.address for i in interfaces for a in i.addresses])
 
     def shutdown(self, grace: float = 1.0) -> None:
         """Stop every container (SIGTERM to all, SIGKILL after ``grace`` s), unmount what the
@@ -147,6 +196,7 @@ class Sandbox:
         cgroup: Cgroup | None = None
         try:
             spec = parse_spec(oci_spec)
+            add_network_files(spec)
             for i, storage in enumerate(storages):
                 mounted.append(mount_storage(storage, f"storages[{i}]"))
             if not os.path.isdir(spec.root_path):
@@ -272,13 +322,37 @@ class Sandbox:
         self.process(container_id, exec_id).resize(rows, columns)
 
 
+ETC = "/run/hako/etc"  # the sandbox's hosts, hostname and resolv.conf, given to its containers
+
+
+def write_hosts(hostname: str, addresses: list[str]) -> None:
+    """The sandbox's /etc/hosts and /etc/hostname, as Docker writes them for a container."""
+    os.makedirs(ETC, exist_ok=True)
+    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+    lines += [f"{address}\t{hostname}" for address in addresses]
+    with open(f"{ETC}/hosts", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(f"{ETC}/hostname", "w", encoding="utf-8") as f:
+        f.write(hostname + "\n")
+
+
+def add_network_files(spec: Spec) -> None:
+    """Bind the sandbox's /etc/hosts, /etc/hostname and /etc/resolv.conf into a container whose
+    spec does not mount its own there (containerd's CRI does; `hako run` leaves it to us)."""
+    taken = {mount.destination.rstrip("/") for mount in spec.mounts}
+    for name in ("hosts", "hostname", "resolv.conf"):
+        source = f"{ETC}/{name}"
+        if f"/etc/{name}" not in taken and os.path.exists(source):
+            spec.mounts.append(Mount(f"/etc/{name}", "bind", source, ["rbind", "rw", "nosuid", "nodev"]))
+
+
 def write_resolv_conf(dns: list[str]) -> None:
     """/run/hako/resolv.conf, bind-mounted over /etc/resolv.conf when that exists (else created)."""
     for i, server in enumerate(dns):
         if not server or any(c.isspace() for c in server):
             raise InvalidArgument(f"dns[{i}]: {server!r} is not an address")
-    os.makedirs("/run/hako", exist_ok=True)
-    path = "/run/hako/resolv.conf"
+    os.makedirs(ETC, exist_ok=True)
+    path = f"{ETC}/resolv.conf"
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(f"nameserver {server}\n" for server in dns)
     if os.path.exists("/etc/resolv.conf"):

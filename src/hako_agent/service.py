@@ -21,9 +21,10 @@ from hako_ttrpc import Code, TtrpcError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
     from typing import TypeVar
 
+    from hako_agent.network import Interface, Route
     from hako_agent.sandbox import Sandbox, Storage
     from hako_ttrpc import CallContext
 
@@ -91,6 +92,23 @@ def _storages(storages: object) -> list[Storage]:
         Storage(s.driver, s.source, s.fstype, list(s.options), s.mount_point)
         for s in storages  # type: ignore[attr-defined]
     ]
+
+
+def _interfaces(interfaces: Iterable[agent_pb2.Interface]) -> list[Interface]:
+    from hako_agent.network import Interface, IPAddress
+
+    return [
+        Interface(
+            i.device, i.name, i.hw_addr, i.mtu, [IPAddress(a.address, a.prefix_len) for a in i.addresses]
+        )
+        for i in interfaces
+    ]
+
+
+def _routes(routes: Iterable[agent_pb2.Route]) -> list[Route]:
+    from hako_agent.network import Route
+
+    return [Route(r.destination, r.gateway, r.device, r.source) for r in routes]
 
 
 class BootTimes:
@@ -167,7 +185,12 @@ class AgentService:
         if request.entropy:
             system.reseed_random(request.entropy)  # before anything in the sandbox draws from it
         self.sandbox.setup(
-            request.hostname, _storages(request.storages), list(request.dns), request.time_unix_ns
+            request.hostname,
+            _storages(request.storages),
+            list(request.dns),
+            request.time_unix_ns,
+            _interfaces(request.interfaces),
+            _routes(request.routes),
         )
         log.info(f"sandbox {request.sandbox_id} set up")
         return agent_pb2.Empty()

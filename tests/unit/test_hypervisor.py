@@ -74,7 +74,7 @@ def _config(tmp_path: Path, **overrides: object) -> VMConfig:
 
 
 def test_argv_for_a_tcg_initramfs_sandbox(tmp_path: Path) -> None:
-    argv = build_argv("qemu", _config(tmp_path), qmp_fd=5, agent_fd=6)
+    argv = build_argv("qemu", _config(tmp_path), qmp_fd=5, agent_fd=6, tap_fd=7)
     joined = " ".join(argv)
     assert argv[0] == "qemu"
     assert "-machine microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off" in joined
@@ -93,13 +93,25 @@ def test_argv_for_a_tcg_initramfs_sandbox(tmp_path: Path) -> None:
 
 def test_argv_for_kvm_with_an_erofs_root(tmp_path: Path) -> None:
     config = _config(tmp_path, initrd=None, root_disk=Path("/k/root.erofs"), accel=Accelerator("kvm", "t"))
-    argv = build_argv("qemu", config, qmp_fd=5, agent_fd=6)
+    argv = build_argv("qemu", config, qmp_fd=5, agent_fd=6, tap_fd=7)
     assert "-cpu" in argv and argv[argv.index("-cpu") + 1] == "host"
     assert "-initrd" not in argv
     assert "file=/k/root.erofs,if=none,id=root,format=raw,readonly=on" in argv
     assert "virtio-blk-device,drive=root" in argv
 
 
+def test_every_vm_has_a_nic_on_its_tap_and_empty_disk_slots(tmp_path: Path) -> None:
+    argv = build_argv("qemu", _config(tmp_path, disk_slots=2), qmp_fd=5, agent_fd=6, tap_fd=7)
+    assert "tap,id=net0,fd=7" in argv
+    assert "virtio-net-device,netdev=net0,mac=02:00:00:00:00:01" in argv
+    for slot in (0, 1):
+        empty = f"driver=null-co,node-name=slot{slot}-empty,size=1099511627776,read-zeroes=on"
+        assert empty in argv
+        assert f"driver=raw,node-name=slot{slot},file=slot{slot}-empty" in argv
+        assert f"virtio-blk-device,drive=slot{slot},serial=hako-disk{slot}" in argv
+    assert not any("slot2" in arg for arg in argv)
+
+
 def test_debug_reaches_the_guest(tmp_path: Path) -> None:
-    argv = build_argv("qemu", _config(tmp_path, debug=True), qmp_fd=5, agent_fd=6)
+    argv = build_argv("qemu", _config(tmp_path, debug=True), qmp_fd=5, agent_fd=6, tap_fd=7)
     assert "hako.debug=1" in argv[argv.index("-append") + 1]

@@ -76,7 +76,7 @@ def _make(store: Path, vm: VMConfig, qemu: Path, *, state: bytes = b"device stat
 
 def test_a_template_vm_writes_its_ram_through_to_a_file(tmp_path: Path, files: dict[str, Path]) -> None:
     vm = dataclasses.replace(_vm(tmp_path, files), memory_file=tmp_path / "ram", memory_shared=True)
-    argv = build_argv("qemu", vm, qmp_fd=5, agent_fd=6)
+    argv = build_argv("qemu", vm, qmp_fd=5, agent_fd=6, tap_fd=7)
     machine = argv[argv.index("-machine") + 1]
     assert machine.endswith(",memory-backend=mem")
     assert f"memory-backend-file,id=mem,size=256M,mem-path={tmp_path}/ram,share=on" in argv
@@ -87,11 +87,11 @@ def test_a_clone_maps_the_ram_copy_on_write_and_waits_for_its_state(
     tmp_path: Path, files: dict[str, Path]
 ) -> None:
     config = dataclasses.replace(_sandbox(tmp_path, files), template=tmp_path / "tpl")
-    argv = build_argv("qemu", config.vm_config(), qmp_fd=5, agent_fd=6)
+    argv = build_argv("qemu", config.vm_config(), qmp_fd=5, agent_fd=6, tap_fd=7)
     assert f"memory-backend-file,id=mem,size=256M,mem-path={tmp_path}/tpl/memory,share=off" in argv
     assert argv[argv.index("-incoming") + 1] == "defer"
     # the same devices as the template, in the same order: only paths differ
-    plain = build_argv("qemu", config.cold().vm_config(), qmp_fd=5, agent_fd=6)
+    plain = build_argv("qemu", config.cold().vm_config(), qmp_fd=5, agent_fd=6, tap_fd=7)
     devices = [argv[i + 1] for i, arg in enumerate(argv) if arg == "-device"]
     assert devices == [plain[i + 1] for i, arg in enumerate(plain) if arg == "-device"]
 

@@ -69,6 +69,13 @@ def _status_text(state: SandboxState, status: Status) -> str:
     return "Dead"
 
 
+def _ports_text(state: SandboxState, status: Status) -> str:
+    """Its published ports, as Docker shows them (only while it runs: they go with it)."""
+    if status not in (Status.RUNNING, Status.CREATING):
+        return ""
+    return ", ".join(f"0.0.0.0:{port.replace(':', '->', 1)}" for port in state.ports)
+
+
 def ps(args: argparse.Namespace) -> int:
     require_root("ps")
     rows = []
@@ -91,11 +98,12 @@ def ps(args: argparse.Namespace) -> int:
                 f"{age(time.time() - state.created)} ago",
                 _status_text(state, status),
                 f"{state.kernel}/{state.accel}",
+                _ports_text(state, status),
                 state.name,
             )
         )
     if not args.quiet:
-        header = ("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "VM", "NAMES")
+        header = ("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "VM", "PORTS", "NAMES")
         print_table(header, rows, gap="   ")
     return 0
 
@@ -184,6 +192,10 @@ def remove_sandbox(state: SandboxState, *, force: bool) -> None:
                 agent.close()
         _wait_gone(state, timeout=20)
     remove_dead(state)
+    if state.network == "bridge":
+        from hako.network.host import prune
+
+        prune()  # what it held on the bridge, if it died without giving it back
 
 
 def _wait_gone(state: SandboxState, timeout: float) -> None:

@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from hako import assets
@@ -36,6 +37,8 @@ from hako.runtime.state import (
     reserve,
 )
 
+ROOTFS_MODES = ("auto", "block", "9p")
+NETWORK_MODES = ("bridge", "none")  # hako.network.sandbox.MODES, without importing it here
 BASE_VM_MEMORY_MIB = 256  # the guest itself: kernel, agent, page cache for the shared rootfs
 MAX_VCPUS = 64
 
@@ -55,6 +58,21 @@ def add_parsers(commands: Any) -> None:
     p.add_argument(
         "-v", "--volume", action="append", default=[], metavar="HOST:CTR[:ro]", help="bind a host path"
     )
+    p.add_argument(
+        "-p",
+        "--publish",
+        action="append",
+        default=[],
+        metavar="HOSTPORT:CTRPORT[/PROTO]",
+        help="forward a host port to the container (tcp or udp)",
+    )
+    p.add_argument(
+        "--network",
+        choices=NETWORK_MODES,
+        default="bridge",
+        help="bridge: an address of its own, NAT to the outside, -p to publish ports (default); "
+        "none: a loopback only",
+    )
     p.add_argument("--memory", metavar="SIZE", help="memory limit of the container (e.g. 256m)")
     p.add_argument("--cpus", metavar="N", help="CPUs the container may use (e.g. 1.5)")
     p.add_argument("--kernel", choices=("trimmed", "debian"), default="trimmed", help="guest kernel")
@@ -71,6 +89,13 @@ def add_parsers(commands: Any) -> None:
         "--no-pool",
         action="store_true",
         help="do not take a VM from the warm pool (hako pool), even if it has one",
+    )
+    p.add_argument(
+        "--rootfs",
+        choices=ROOTFS_MODES,
+        default="auto",
+        help="the container's rootfs: a block device made from the image (block), or shared from the "
+        "host over virtio-9p (9p); auto: block for images, 9p for bundle directories",
     )
     p.add_argument("--timing", action="store_true", help="print the start-up breakdown to stderr when done")
     p.add_argument("--timing-json", action="store_true", help="the same as one line of JSON (for benchmarks)")
@@ -93,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     memory = parse_memory(args.memory) if args.memory else None
     cpus = parse_cpus(args.cpus) if args.cpus else None
     volumes = [parse_volume(v) for v in args.volume]
+    ports = _ports(args)
     accel = accelerator(args.accel)
     kernel = assets.kernel(args.kernel)
     guest_image = assets.guest_image(args.kernel)
@@ -134,7 +160,9 @@ def run(args: argparse.Namespace) -> int:
         announce=_warn if sys.stderr.isatty() else None,
     )
     limits: dict[str, Any] = {"memory": memory, "cpus": cpus, "volumes": volumes}
-    if config.template is not None and args.template == "auto" and not args.no_pool:
+    args.publish = ",".join(ports)
+    pooled = args.network == "bridge"  # pooled sandboxes are on the bridge
+    if config.template is not None and args.template == "auto" and not args.no_pool and pooled:
         while (taken := pool.take(config.template.name)) is not None:
             args.startup = process_age()
             notify = _claim(args, taken)
@@ -147,13 +175,27 @@ def run(args: argparse.Namespace) -> int:
                 pool.refill_in_background(args.kernel)
     reserve(state)
     args.startup = process_age()  # command start until the fork that starts QEMU
-    pid, notify = fork_sandbox(state, config)
+    pid, notify = fork_sandbox(state, config, network=args.network)
     try:
         return _run(args, state, pid, notify, **limits)
     finally:
         notify.close()
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
+
+
+def _ports(args: argparse.Namespace) -> list[str]:
+    """The -p options, checked before a VM is started for them: well formed, ports free."""
+    if not args.publish:
+        return []
+    from hako.network.host import PortMapping, check_free
+
+    if args.network != "bridge":
+        raise UsageError(f"-p needs the default network: --network {args.network} has none")
+    mappings = [PortMapping.parse(text) for text in args.publish]
+    for mapping in mappings:
+        check_free(mapping)
+    return [str(mapping) for mapping in mappings]
 
 
 def _claim(args: argparse.Namespace, state: SandboxState) -> Notifications | None:
@@ -209,7 +251,7 @@ def _run(
     try:
         if not claimed:
             notify.expect("launched")
-        spec, image_name = _spec(args, state.id, **limits)
+        spec, image_name, disk = _spec(args, state.id, **limits)
         (state.dir / "config.json").write_text(json.dumps(spec, indent=1))
         if not claimed:
             notify.expect("serving")
@@ -217,13 +259,12 @@ def _run(
 
         agent = connect(state)
         try:
-            attach = "0" if args.detach else "1"
-            agent.create_container(
-                state.id,
-                spec,
-                stdin=args.interactive,
-                metadata={"hako-attach": attach, "hako-image": image_name},
-            )
+            metadata = {"hako-attach": "0" if args.detach else "1", "hako-image": image_name}
+            if disk is not None:
+                metadata["hako-disk"] = str(disk)
+            if args.publish:
+                metadata["hako-publish"] = args.publish
+            agent.create_container(state.id, spec, stdin=args.interactive, metadata=metadata)
             created = True
             if args.detach:
                 agent.start_container(state.id)
@@ -240,19 +281,29 @@ def _run(
         raise
 
 
-def _spec(args: argparse.Namespace, sandbox_id: str, **limits: Any) -> tuple[dict[str, Any], str]:
+def _spec(
+    args: argparse.Namespace, sandbox_id: str, **limits: Any
+) -> tuple[dict[str, Any], str, Path | None]:
+    """The container's spec, what to call its image, and the image as a disk (a block rootfs)."""
     from hako.image.store import ImageStore
     from hako.oci.bundle import Bundle
     from hako.oci.spec import RunOptions, build_spec
 
-    target = ImageStore().resolve(args.image)
+    store = ImageStore()
+    target = store.resolve(args.image)
     options = RunOptions(
         args=args.command, env=args.env, workdir=args.workdir, user=args.user, terminal=args.tty, **limits
     )
     if isinstance(target, Bundle):
-        return build_spec(sandbox_id, options, base=target.spec, rootfs=target.rootfs), str(target.path)
+        if args.rootfs == "block":
+            raise UsageError(
+                f"--rootfs block needs an image: {args.image} is a bundle directory; use --rootfs 9p"
+            )
+        spec = build_spec(sandbox_id, options, base=target.spec, rootfs=target.rootfs)
+        return spec, str(target.path), None
     name = target.names[0] if target.names else target.short_id
-    return build_spec(sandbox_id, options, image=target.config, rootfs=target.rootfs), name
+    disk = store.disk(target) if args.rootfs != "9p" else None
+    return build_spec(sandbox_id, options, image=target.config, rootfs=target.rootfs), name, disk
 
 
 def _abort(state: SandboxState, daemon: int, notify: Notifications) -> None:

@@ -38,6 +38,17 @@ class VMConfig:
     memory_shared: bool = False
     # Restore the device state saved in this file instead of booting (with ``memory_file``).
     incoming: Path | None = None
+    # Empty virtio-blk devices that a container's disk is attached to while the VM runs (the
+    # microvm machine has no hotplug, and a template's clones need the same devices).
+    disk_slots: int = 1
+    # The network namespace QEMU runs in, whose tap its NIC uses (a descriptor; the VM gets an
+    # empty namespace of its own if None). Every VM has the NIC: a template's clones need it.
+    netns_fd: int | None = None
+
+
+def disk_serial(slot: int) -> str:
+    """The serial number by which the guest finds disk slot ``slot`` (/sys/block/*/serial)."""
+    return f"hako-disk{slot}"
 
 
 class Hypervisor(ABC):
@@ -68,6 +79,15 @@ class Hypervisor(ABC):
 
     @abstractmethod
     def resume(self) -> None: ...
+
+    @abstractmethod
+    def attach_disk(self, slot: int, path: Path) -> None:
+        """Give disk slot ``slot`` the qcow2 image at ``path`` (the guest sees it by the serial
+        :func:`disk_serial` names; it must drop its cached blocks of the device before use)."""
+
+    @abstractmethod
+    def detach_disk(self, slot: int) -> None:
+        """Empty disk slot ``slot`` again (the guest has unmounted it); idempotent."""
 
     # -- state ---------------------------------------------------------------------------------
     @property

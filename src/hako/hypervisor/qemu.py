@@ -4,8 +4,11 @@ The machine options and kernel arguments come with the guest kernel (the
 trimmed one has no ACPI, so QEMU must list the virtio-mmio devices on its
 command line: ``acpi=off``; Debian's finds them through ACPI). Devices: virtio-serial
 with two ports (``hako.agent`` for ttRPC, ``hako.log`` for the agent's log),
-virtio-9p for the shared directory, virtio-rng, and the erofs root disk when
-the guest image is not an initramfs. The monitor and the agent channel are
+virtio-9p for the shared directory, virtio-rng, a virtio-net NIC on a tap, empty
+virtio-blk disk slots that containers' rootfs disks are attached to over QMP (the
+machine has no hotplug), and the erofs root disk when the guest image is not an
+initramfs. QEMU runs inside the sandbox's network namespace, where its tap is (an
+empty namespace of its own if the sandbox has no network). The monitor and the agent channel are
 socketpairs handed to QEMU as file descriptors, so both are connected the
 moment QEMU starts: no socket files, no polling. QEMU runs under its own
 seccomp filter (``-sandbox``) and is killed by the kernel if the process that
@@ -27,9 +30,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hako.errors import HypervisorError, QemuNotFound
+from hako.errors import HakoError, HypervisorError, QemuNotFound
 from hako.hypervisor import qemu_args as qa
-from hako.hypervisor.base import Hypervisor, VMConfig
+from hako.hypervisor.base import Hypervisor, VMConfig, disk_serial
+from hako.network import netns
 
 if TYPE_CHECKING:
     from hako.hypervisor.qmp import QmpBridge
@@ -43,6 +47,11 @@ MEMORY_ID = "mem"
 # the stream holds only device state, and clones map the RAM file copy-on-write.
 TEMPLATE_CAPABILITIES = [{"capability": "x-ignore-shared", "state": True}]
 SAVE_TIMEOUT = 60.0
+NETDEV_ID = "net0"
+BOOT_MAC = "02:00:00:00:00:01"
+# What an empty disk slot reads as. The guest keeps the capacity it saw at boot (a template's
+# clones never boot), so the empty slot is larger than any disk it will be given.
+EMPTY_DISK_BYTES = 1 << 40
 
 
 def find_qemu() -> str:
@@ -64,7 +73,7 @@ def _die_with_parent() -> list[str]:
     return [setpriv, "--pdeathsig", "KILL", "--"]
 
 
-def build_argv(binary: str, config: VMConfig, qmp_fd: int, agent_fd: int) -> list[str]:
+def build_argv(binary: str, config: VMConfig, qmp_fd: int, agent_fd: int, tap_fd: int) -> list[str]:
     run = config.run_dir
     tcg = config.accel.name == "tcg"
     cmdline = list(config.kernel_cmdline)
@@ -113,10 +122,42 @@ def build_argv(binary: str, config: VMConfig, qmp_fd: int, agent_fd: int) -> lis
             qa.Fsdev("shared", config.shared_dir),
             qa.Device("virtio-9p-device", {"fsdev": "shared", "mount_tag": SHARE_TAG}),
         ]
+    parts += [
+        qa.Netdev("tap", NETDEV_ID, {"fd": tap_fd}),  # vnet_hdr: QEMU finds it on the fd
+        # The MAC is the template's in a clone: the agent gives the NIC its own (CreateSandbox).
+        qa.Device("virtio-net-device", {"netdev": NETDEV_ID, "mac": BOOT_MAC}),
+    ]
+    for slot in range(config.disk_slots):
+        parts += [
+            qa.Blockdev(
+                {
+                    "driver": "null-co",
+                    "node-name": _empty(slot),
+                    "size": EMPTY_DISK_BYTES,
+                    "read-zeroes": True,
+                }
+            ),
+            qa.Blockdev({"driver": "raw", "node-name": _slot(slot), "file": _empty(slot)}),
+            qa.Device("virtio-blk-device", {"drive": _slot(slot), "serial": disk_serial(slot)}),
+        ]
     if config.incoming is not None:
         parts.append(qa.Incoming("defer"))  # QMP sets the capabilities, then migrate-incoming
     parts.append(qa.Sandbox())
     return qa.render(binary, parts)
+
+
+def _slot(slot: int) -> str:
+    """The block node a disk slot's device is attached to: a raw filter whose file child is the
+    slot's empty node or the disk it was given (``blockdev-reopen`` swaps it)."""
+    return f"slot{slot}"
+
+
+def _empty(slot: int) -> str:
+    return f"slot{slot}-empty"
+
+
+def _disk(slot: int) -> str:
+    return f"slot{slot}-disk"
 
 
 class QemuVM(Hypervisor):
@@ -146,15 +187,24 @@ class QemuVM(Hypervisor):
         binary = find_qemu()
         run = self.config.run_dir
         run.mkdir(parents=True, exist_ok=True)
+        own_netns = self.config.netns_fd is None
+        netns_fd = netns.create() if own_netns else self.config.netns_fd
+        assert netns_fd is not None
+        try:
+            tap_fd = netns.open_tap(netns_fd)
+        except HakoError:
+            if own_netns:
+                os.close(netns_fd)
+            raise
         qmp_host, qmp_vm = socket.socketpair()
         agent_host, agent_vm = socket.socketpair()
-        argv = build_argv(binary, self.config, qmp_vm.fileno(), agent_vm.fileno())
+        argv = build_argv(binary, self.config, qmp_vm.fileno(), agent_vm.fileno(), tap_fd)
         (run / "qemu.cmdline").write_text(" ".join(argv) + "\n")
         launched = threading.Event()
-        failure: list[OSError] = []
+        failure: list[BaseException] = []
         thread = threading.Thread(
             target=self._launch_and_watch,
-            args=(argv, (qmp_vm.fileno(), agent_vm.fileno()), launched, failure),
+            args=(argv, (qmp_vm.fileno(), agent_vm.fileno(), tap_fd), netns_fd, launched, failure),
             daemon=True,
             name="qemu-watch",
         )
@@ -162,18 +212,33 @@ class QemuVM(Hypervisor):
         launched.wait()
         qmp_vm.close()
         agent_vm.close()
+        os.close(tap_fd)  # QEMU has its own: the tap goes when QEMU does
+        if own_netns:
+            os.close(netns_fd)
         if failure:
             qmp_host.close()
             agent_host.close()
-            raise HypervisorError(f"cannot start {binary}: {failure[0].strerror}") from failure[0]
+            error = failure[0]
+            if isinstance(error, HakoError):
+                raise error
+            detail = error.strerror if isinstance(error, OSError) else str(error)
+            raise HypervisorError(f"cannot start {binary}: {detail}") from error
         self._agent = agent_host
         self._qmp_sock = qmp_host
         threading.Thread(target=self._connect_qmp, daemon=True, name="qmp-connect").start()
 
     def _launch_and_watch(
-        self, argv: list[str], fds: tuple[int, ...], launched: threading.Event, failure: list[OSError]
+        self,
+        argv: list[str],
+        fds: tuple[int, ...],
+        netns_fd: int,
+        launched: threading.Event,
+        failure: list[BaseException],
     ) -> None:
         try:
+            # QEMU runs in the sandbox's network namespace: a child starts in its forking
+            # thread's namespaces, and this thread does nothing but wait for QEMU.
+            netns.setns(netns_fd)
             with open(self.config.run_dir / "qemu.log", "wb") as log:
                 self.launched_at = time.monotonic()
                 self._process = subprocess.Popen(
@@ -183,7 +248,7 @@ class QemuVM(Hypervisor):
                     stderr=subprocess.STDOUT,
                     pass_fds=fds,
                 )
-        except OSError as exc:
+        except (OSError, HakoError) as exc:
             failure.append(exc)
             return
         finally:
@@ -296,6 +361,37 @@ class QemuVM(Hypervisor):
         for sock in (self._agent, self._qmp_sock):
             if sock is not None:
                 sock.close()
+
+    def attach_disk(self, slot: int, path: Path) -> None:
+        bridge = self._bridge()
+        self._check_slot(slot)
+        # qcow2 opens its backing file (the image's read-only base) from its header.
+        file = {"driver": "file", "filename": str(path)}
+        bridge.execute("blockdev-add", {"driver": "qcow2", "node-name": _disk(slot), "file": file})
+        try:
+            self._point_slot(bridge, slot, _disk(slot))
+        except HypervisorError:
+            with contextlib.suppress(HypervisorError):
+                bridge.execute("blockdev-del", {"node-name": _disk(slot)})
+            raise
+
+    def detach_disk(self, slot: int) -> None:
+        if self.exited.is_set():
+            return
+        bridge = self._bridge()
+        self._check_slot(slot)
+        self._point_slot(bridge, slot, _empty(slot))
+        with contextlib.suppress(HypervisorError):  # never attached: nothing to delete
+            bridge.execute("blockdev-del", {"node-name": _disk(slot)})
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.config.disk_slots:
+            raise HypervisorError(f"disk slot {slot}: this VM has {self.config.disk_slots} slots")
+
+    @staticmethod
+    def _point_slot(bridge: QmpBridge, slot: int, node: str) -> None:
+        options = {"driver": "raw", "node-name": _slot(slot), "file": node}
+        bridge.execute("blockdev-reopen", {"options": [options]})
 
     def pause(self) -> None:
         self._bridge().execute("stop")

@@ -142,6 +142,28 @@ class Drive:
 
 
 @dataclass(frozen=True)
+class Blockdev:
+    """A block node (``-blockdev``): a format or protocol driver and its options."""
+
+    opts: Mapping[str, OptionValue | None]
+
+    def render(self) -> list[str]:
+        return ["-blockdev", options(None, self.opts)]
+
+
+@dataclass(frozen=True)
+class Netdev:
+    """A network backend (``-netdev``), e.g. a tap given as a descriptor."""
+
+    backend: str
+    id: str
+    opts: Mapping[str, OptionValue | None] = field(default_factory=dict)
+
+    def render(self) -> list[str]:
+        return ["-netdev", options(self.backend, {"id": self.id, **self.opts})]
+
+
+@dataclass(frozen=True)
 class Object:
     type: str
     id: str

@@ -11,6 +11,7 @@ setuid binaries and device nodes)::
         manifest.json           the manifest, as imported (synthesised for docker-archive)
         config.json             the image config, as imported
         rootfs/                 every layer applied, in order
+        rootfs.ext4             rootfs as a disk image, made on first use (``hako.image.disk``)
 
 An import unpacks into ``tmp/`` and renames into ``images/`` under the per-image lock, so a
 reader sees a complete image or none, two concurrent imports of one image unpack it once, and a
@@ -192,6 +193,27 @@ class ImageStore:
             os.rename(image.path, doomed)  # gone from the store at once; the delete can take its time
             shutil.rmtree(doomed)
         return image
+
+    def disk(self, image: Image) -> Path:
+        """The image's rootfs as an ext4 disk image (``rootfs.ext4`` in its directory, so it goes
+        with the image), made on first use."""
+        from hako.image.disk import DISK_IMAGE, make_ext4
+
+        target = image.path / DISK_IMAGE
+        if target.is_file():
+            return target
+        with exclusive_lock(self._locks / f"{image.path.name}.lock"):
+            if target.is_file():
+                return target  # made meanwhile
+            if not image.path.is_dir():
+                raise ImageNotFound(f"image {image.short_id} was removed")
+            staging = image.path / f".{DISK_IMAGE}.{uuid.uuid4().hex}"
+            try:
+                make_ext4(image.rootfs, staging)
+                os.rename(staging, target)
+            finally:
+                staging.unlink(missing_ok=True)
+        return target
 
     # -- import -------------------------------------------------------------------------------
 

@@ -75,6 +75,9 @@ class AgentClient:
         dns: Sequence[str] = (),
         time_unix_ns: int = 0,
         entropy: bytes = b"",
+        *,
+        interfaces: Sequence[pb.Interface] = (),
+        routes: Sequence[pb.Route] = (),
     ) -> None:
         request = pb.CreateSandboxRequest(
             sandbox_id=sandbox_id,
@@ -83,6 +86,8 @@ class AgentClient:
             dns=dns,
             time_unix_ns=time_unix_ns,
             entropy=entropy,
+            interfaces=interfaces,
+            routes=routes,
         )
         self._call("CreateSandbox", request, 30)
 

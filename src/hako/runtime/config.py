@@ -11,6 +11,7 @@ from hako.hypervisor.accel import Accelerator
 from hako.hypervisor.base import VMConfig
 
 GUEST_SHARED = "/run/hako/shared"  # where the agent mounts the sandbox's shared directory
+GUEST_CONTAINERS = "/run/hako/containers"  # block rootfs are mounted under <this>/<container>/rootfs
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class SandboxConfig:
     watchdog_interval: float = 5.0  # 0 disables the hang check
     template: Path | None = None  # restore from this VM template (a directory) instead of booting
     template_private: bool = False  # ... from a copy of its RAM: no pages shared with other clones
+    disk_slots: int = 1  # disks a block rootfs can be attached to (the VM's devices: see VMConfig)
+    netns_fd: int | None = None  # the network namespace the VM runs in (hako.network); own if None
 
     @property
     def shared_dir(self) -> Path:
@@ -66,4 +69,6 @@ class SandboxConfig:
             run_dir=self.run_dir,
             shared_dir=self.shared_dir,
             debug=self.debug,
+            disk_slots=self.disk_slots,
+            netns_fd=self.netns_fd,
         )

@@ -12,6 +12,7 @@ does. The daemon reports over a pipe, one JSON object per line:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import select
@@ -22,6 +23,7 @@ from typing import Any
 
 from hako.errors import HakoError
 from hako.hypervisor.qemu import QemuVM
+from hako.network.sandbox import SandboxNetwork
 from hako.runtime import mounts
 from hako.runtime.config import SandboxConfig
 from hako.runtime.state import SandboxState
@@ -68,9 +70,10 @@ def notify(fd: int, message: Mapping[str, Any]) -> None:
 
 
 def fork_sandbox(
-    state: SandboxState, config: SandboxConfig, *, pooled: bool = False
+    state: SandboxState, config: SandboxConfig, *, pooled: bool = False, network: str = "bridge"
 ) -> tuple[int, Notifications]:
-    """Fork the sandbox's daemon; returns its pid and its notifications. The caller has no threads."""
+    """Fork the sandbox's daemon, with a ``network`` of that mode (:mod:`hako.network.sandbox`);
+    returns its pid and its notifications. The caller has no threads."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid:
@@ -86,8 +89,10 @@ def fork_sandbox(
             from hako.runtime.templates import prepare_clone
 
             prepare_clone(config)
-        vm = QemuVM(config.vm_config())
         try:
+            sandbox_network = SandboxNetwork.create(state.id, network)
+            config = dataclasses.replace(config, netns_fd=sandbox_network.netns_fd)
+            vm = QemuVM(config.vm_config())
             vm.start()
         except HakoError as exc:
             notify(write_fd, {"error": str(exc), "exit_code": exc.exit_code})
@@ -96,7 +101,7 @@ def fork_sandbox(
         # Only now the heavy part (protobuf, ttRPC, the runtime), while the guest boots.
         from hako.runtime.sandboxd import SandboxDaemon
 
-        code = SandboxDaemon(state, config, vm, pooled=pooled).run(write_fd)
+        code = SandboxDaemon(state, config, vm, pooled=pooled, network=sandbox_network).run(write_fd)
     except BaseException as exc:
         with contextlib.suppress(Exception):
             traceback.print_exc()

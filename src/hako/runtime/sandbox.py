@@ -27,9 +27,11 @@ from typing import Any
 
 from hako.errors import AgentError, ContainerNotFound, HakoError, HypervisorError, SandboxError, VMDied
 from hako.hypervisor import Hypervisor, QemuVM
+from hako.hypervisor.base import disk_serial
+from hako.network.sandbox import GuestInterface, GuestNetwork, GuestRoute, SandboxNetwork
 from hako.runtime import mounts, timing
 from hako.runtime.agent import AgentClient
-from hako.runtime.config import GUEST_SHARED, SandboxConfig
+from hako.runtime.config import GUEST_CONTAINERS, GUEST_SHARED, SandboxConfig
 from hako_api import agent_pb2 as pb
 from hako_ttrpc import codes
 
@@ -41,6 +43,7 @@ KILLED_STATUS = 137  # what a container reports when its VM died under it (128 +
 class _Container:
     id: str
     mounts: list[Path]  # host mount points under the shared dir, innermost last
+    disk_slot: int | None = None  # the disk slot its rootfs is attached to (a block rootfs)
 
 
 RESTORE_TIMEOUT = 20.0  # a restored VM answers in well under a second; past this, boot cold
@@ -54,8 +57,12 @@ class Sandbox:
         hypervisor: Hypervisor | None = None,
         *,
         warn: Callable[[str], None] | None = None,
+        network: SandboxNetwork | None = None,
     ) -> None:
+        """``network``, if given, is the namespace the VM runs in (``config.netns_fd``): the
+        sandbox wires it while the guest boots, configures the guest from it, and closes it."""
         self.config = config
+        self.network = network
         self.warn = warn or (lambda message: None)
         self.shared_dir = config.shared_dir
         self.vm: Hypervisor = hypervisor or QemuVM(config.vm_config())
@@ -81,6 +88,8 @@ class Sandbox:
                 prepare_clone(self.config)
             self.vm.start()
         self._watch(self.vm)
+        if self.network is not None:
+            self.network.start_wiring()
 
     def _watch(self, vm: Hypervisor) -> None:
         vm.on_exit(lambda: self._vm_exited(vm))
@@ -116,13 +125,18 @@ class Sandbox:
         share = pb.Storage(
             driver="9p", source="hako", fstype="9p", options=SHARE_OPTIONS, mount_point=GUEST_SHARED
         )
-        # Its own identity, even in a clone of a template: hostname, clock, fresh entropy.
+        guest_network = self.network.guest() if self.network is not None else GuestNetwork()
+        # Its own identity, even in a clone of a template: hostname, clock, fresh entropy, and
+        # its NIC's MAC and addresses.
         agent.create_sandbox(
             self.config.sandbox_id,
             self.config.hostname,
             storages=[share],
+            dns=guest_network.dns,
             time_unix_ns=time.time_ns(),
             entropy=os.urandom(ENTROPY_BYTES),
+            interfaces=[_interface_pb(i) for i in guest_network.interfaces],
+            routes=[_route_pb(r) for r in guest_network.routes],
         )
         self.timing["sandbox_setup"] = time.monotonic() - answered
         if self.config.watchdog_interval > 0:
@@ -158,6 +172,8 @@ class Sandbox:
         self._remove_private_memory()
         self.vm.start()
         self._watch(self.vm)
+        if self.network is not None:
+            self.network.rewire()
         try:
             return self._check_agent(self.config.boot_timeout)
         except AgentError as cold_exc:
@@ -227,6 +243,8 @@ class Sandbox:
             with contextlib.suppress(HakoError):
                 self.agent.destroy_sandbox(timeout=5)
         self.vm.stop(timeout=5)
+        if self.network is not None:
+            self.network.close()
         self._remove_private_memory()
         if self.agent is not None:
             self.agent.close()
@@ -246,47 +264,92 @@ class Sandbox:
         return self.agent
 
     def add_container(
-        self, container_id: str, spec: Mapping[str, Any], stdin: bool, *, rootfs_writable: bool = False
+        self,
+        container_id: str,
+        spec: Mapping[str, Any],
+        stdin: bool,
+        *,
+        rootfs_writable: bool = False,
+        disk: Path | None = None,
     ) -> None:
-        """Share the container's rootfs and volumes with the guest, then create it there.
+        """Give the guest the container's rootfs and share its volumes, then create it there.
 
         ``spec`` is an OCI runtime spec with HOST paths; bind mounts name host sources.
         root.path is the image's read-only rootfs, which gets a writable overlay of
-        the sandbox's own; or, with ``rootfs_writable`` (containerd's snapshot), a
-        rootfs that is shared as it is.
+        the sandbox's own, shared over virtio-9p; or, with ``rootfs_writable`` (containerd's
+        snapshot), a rootfs that is shared as it is. With ``disk`` (the image's rootfs as an
+        ext4 image, :mod:`hako.image.disk`) the rootfs is a block device instead: a qcow2
+        overlay of ``disk`` attached to a free disk slot of the VM, which the agent mounts.
         """
         started = time.monotonic()
         agent = self._need_agent()
+        if self.network is not None:
+            self.network.wait_wired()
         container = _Container(container_id, [])
         with self._lock:
             if container_id in self._containers:
                 raise SandboxError(f"container {container_id} already exists in this sandbox")
             self._containers[container_id] = container
         try:
-            guest_spec = self._share(container, spec, rootfs_writable)
-            agent.create_container(container_id, guest_spec, stdin)
+            storages: list[pb.Storage] = []
+            if disk is not None:
+                storages.append(self._attach_rootfs(container, disk))
+            guest_spec = self._share(container, spec, rootfs_writable, block=bool(storages))
+            if storages:
+                guest_spec["root"] = {**spec["root"], "path": storages[0].mount_point}
+            agent.create_container(container_id, guest_spec, stdin, storages=storages)
         except BaseException:
             with self._lock:
                 self._containers.pop(container_id, None)
-            self._unmount(container)
+            self._release(container)
             raise
         self.timing["container_create"] = time.monotonic() - started
 
-    def _share(self, container: _Container, spec: Mapping[str, Any], rootfs_writable: bool) -> dict[str, Any]:
+    def _attach_rootfs(self, container: _Container, disk: Path) -> pb.Storage:
+        """A writable overlay of ``disk`` in a free disk slot; the Storage the agent mounts."""
+        from hako.image.disk import create_overlay
+
+        with self._lock:
+            busy = {c.disk_slot for c in self._containers.values()}
+            free = [slot for slot in range(self.config.disk_slots) if slot not in busy]
+            if not free:
+                raise SandboxError(
+                    f"no free disk slot for container {container.id} (the VM has "
+                    f"{self.config.disk_slots}): use --rootfs 9p"
+                )
+            container.disk_slot = free[0]
+        overlay = self._overlay_path(container.id)
+        create_overlay(disk, overlay)
+        self.vm.attach_disk(container.disk_slot, overlay)
+        return pb.Storage(
+            driver="blk",
+            source=disk_serial(container.disk_slot),
+            fstype="ext4",
+            options=["nodev"],
+            mount_point=f"{GUEST_CONTAINERS}/{container.id}/rootfs",
+        )
+
+    def _overlay_path(self, container_id: str) -> Path:
+        return self.config.run_dir / "containers" / container_id / "rootfs.qcow2"
+
+    def _share(
+        self, container: _Container, spec: Mapping[str, Any], rootfs_writable: bool, *, block: bool = False
+    ) -> dict[str, Any]:
         host_dir = self.shared_dir / container.id
         guest_dir = f"{GUEST_SHARED}/{container.id}"
         work = self.config.run_dir / "containers" / container.id
         guest_spec = copy.deepcopy(dict(spec))
         lower = Path(spec["root"]["path"])
-        if not lower.is_dir():
-            raise SandboxError(f"container rootfs {lower} is not a directory")
-        rootfs = host_dir / "rootfs"
-        if rootfs_writable:
-            mounts.bind(lower, rootfs)
-        else:
-            mounts.overlay(lower, work / "upper", work / "work", rootfs)
-        container.mounts.append(rootfs)
-        guest_spec["root"] = {**spec["root"], "path": f"{guest_dir}/rootfs"}
+        if not block:
+            if not lower.is_dir():
+                raise SandboxError(f"container rootfs {lower} is not a directory")
+            rootfs = host_dir / "rootfs"
+            if rootfs_writable:
+                mounts.bind(lower, rootfs)
+            else:
+                mounts.overlay(lower, work / "upper", work / "work", rootfs)
+            container.mounts.append(rootfs)
+            guest_spec["root"] = {**spec["root"], "path": f"{guest_dir}/rootfs"}
         for index, mount in enumerate(guest_spec.get("mounts", [])):
             options = mount.get("options", [])
             if mount.get("type", "bind") != "bind" and "bind" not in options and "rbind" not in options:
@@ -299,6 +362,16 @@ class Sandbox:
             container.mounts.append(target)
             mount["source"] = f"{guest_dir}/volumes/{index}"
         return guest_spec
+
+    def _release(self, container: _Container) -> None:
+        """Give back what the host holds for a container that is gone from the guest."""
+        if container.disk_slot is not None and not self.vm.exited.is_set():
+            try:
+                self.vm.detach_disk(container.disk_slot)
+            except HakoError as exc:
+                self.warn(f"container {container.id}: cannot empty disk slot {container.disk_slot}: {exc}")
+        container.disk_slot = None
+        self._unmount(container)
 
     def _unmount(self, container: _Container) -> None:
         for target in reversed(container.mounts):
@@ -334,4 +407,19 @@ class Sandbox:
             if not self.dead.is_set() and self.agent is not None:
                 self.agent.remove_container(container_id)
         finally:
-            self._unmount(container)
+            self._release(container)
+
+
+def _interface_pb(interface: GuestInterface) -> pb.Interface:
+    return pb.Interface(
+        device=interface.device,
+        hw_addr=interface.hw_addr,
+        mtu=interface.mtu,
+        addresses=[pb.IPAddress(address=a, prefix_len=n) for a, n in interface.addresses],
+    )
+
+
+def _route_pb(route: GuestRoute) -> pb.Route:
+    return pb.Route(
+        destination=route.destination, gateway=route.gateway, device=route.device, source=route.source
+    )

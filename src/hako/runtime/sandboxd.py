@@ -32,12 +32,15 @@ import threading
 import time
 import traceback
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from google.protobuf.any_pb2 import Any as AnyPb
 
-from hako.errors import ContainerNotFound, ExecNotExecutable, ExecNotFound, HakoError
+from hako.errors import ContainerNotFound, ExecNotExecutable, ExecNotFound, HakoError, SandboxError
 from hako.hypervisor import Hypervisor
+from hako.network.host import PortMapping
+from hako.network.sandbox import SandboxNetwork
 from hako.runtime.agent import SERVICE_NAME
 from hako.runtime.config import SandboxConfig
 from hako.runtime.launch import notify
@@ -54,6 +57,8 @@ from hako_ttrpc import CallContext, Server, TtrpcError, codes
 DAEMON_SERVICE = daemon_pb.DESCRIPTOR.services_by_name["Daemon"].full_name
 ATTACH_KEY = "hako-attach"
 IMAGE_KEY = "hako-image"
+DISK_KEY = "hako-disk"  # the image as an ext4 disk image: the rootfs goes on a block device
+PUBLISH_KEY = "hako-publish"  # host ports to forward to the sandbox: HOST:CTR/PROTO,...
 IDLE_TIMEOUT = 300.0  # a sandbox whose container nobody creates or starts is given up after this
 
 
@@ -73,14 +78,22 @@ def status_of(exc: HakoError) -> TtrpcError:
 
 class SandboxDaemon:
     def __init__(
-        self, state: SandboxState, config: SandboxConfig, vm: Hypervisor, *, pooled: bool = False
+        self,
+        state: SandboxState,
+        config: SandboxConfig,
+        vm: Hypervisor,
+        *,
+        pooled: bool = False,
+        network: SandboxNetwork | None = None,
     ) -> None:
         self.state = state
         # In the warm pool: once ready, the VM is paused until a `hako run` claims it.
         self.pooled = pooled
         self.claimed = threading.Event()
         self.notify_fd = -1
-        self.sandbox = Sandbox(config, vm, warn=lambda message: self.log(f"warning: {message}"))
+        self.sandbox = Sandbox(
+            config, vm, warn=lambda message: self.log(f"warning: {message}"), network=network
+        )
         self.container_id = state.id
         self.run_dir = config.run_dir
         self.log_file = (self.run_dir / "daemon.log").open("a", buffering=1)
@@ -139,7 +152,11 @@ class SandboxDaemon:
                 raise TtrpcError(codes.ALREADY_EXISTS, f"container {request.container_id} exists")
             try:
                 spec: dict[str, Any] = json.loads(request.oci_spec)
-                self.sandbox.add_container(self.container_id, spec, request.stdin)
+                self._publish(ctx.first(PUBLISH_KEY))
+                disk = ctx.first(DISK_KEY)
+                self.sandbox.add_container(
+                    self.container_id, spec, request.stdin, disk=Path(disk) if disk else None
+                )
             except HakoError as exc:
                 self.log(f"create failed: {exc}")
                 raise status_of(exc) from exc
@@ -155,6 +172,16 @@ class SandboxDaemon:
             self.state.save()
             self.created.set()
         return pb.Empty()
+
+    def _publish(self, ports: str | None) -> None:
+        """Forward the host ports ``ports`` names (``HOST:CTR/PROTO,...``) to the sandbox."""
+        mappings = [PortMapping.parse(text) for text in ports.split(",")] if ports else []
+        if not mappings:
+            return
+        if self.sandbox.network is None:
+            raise SandboxError("this sandbox has no network to publish ports on")
+        self.sandbox.network.publish(mappings)
+        self.state.ports = [str(mapping) for mapping in mappings]
 
     def StartContainer(self, request: pb.ContainerRequest, ctx: CallContext) -> pb.StartContainerResponse:
         self._check_main(request.container_id)
@@ -334,6 +361,10 @@ class SandboxDaemon:
         self.state.daemon_pid = os.getpid()
         self.state.daemon_start_ticks = process_start_ticks(os.getpid())
         self.state.qemu_pid = self.sandbox.vm.pid
+        network = self.sandbox.network
+        if network is not None:
+            self.state.network = network.mode
+            self.state.address = str(network.address) if network.address is not None else None
         self.state.save()
         self.sandbox.start()
         self.sandbox.vm.on_exit(self.wake.set)

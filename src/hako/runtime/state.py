@@ -61,6 +61,9 @@ class SandboxState:
     qemu_pid: int | None = None
     guest_kernel_release: str | None = None
     template: str | None = None  # the key of the VM template it was restored from
+    network: str | None = None  # its network's mode (hako.network.sandbox), once it has one
+    address: str | None = None  # its address on the bridge network
+    ports: list[str] = field(default_factory=list)  # published: HOST:CTR/PROTO
     timing: dict[str, float] = field(default_factory=dict)
 
     @property

@@ -42,7 +42,7 @@ from hako.hypervisor.base import VMConfig
 from hako.runtime import paths
 from hako.runtime.config import SandboxConfig
 
-FORMAT = 1
+FORMAT = 2  # 2: disk slots
 MODES = ("auto", "private", "off")  # share the template's pages, copy them per clone, boot cold
 MEMORY = "memory"
 STATE = "state"
@@ -81,6 +81,7 @@ def inputs(vm: VMConfig, qemu_binary: str) -> dict[str, Any]:
         "vcpus": vm.vcpus,
         "accel": vm.accel.name,
         "shared_dir": vm.shared_dir is not None,
+        "disk_slots": vm.disk_slots,
     }
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import enum
 import json
 import threading
@@ -31,6 +32,7 @@ from typing import Any
 from hako import assets
 from hako.errors import ConfigError, ContainerError, ContainerExists, ContainerNotFound, HakoError
 from hako.hypervisor import choose
+from hako.network.sandbox import SandboxNetwork
 from hako.runtime import mounts, templates
 from hako.runtime.config import SandboxConfig
 from hako.runtime.sandbox import Sandbox
@@ -105,6 +107,14 @@ def guest_spec(spec: dict[str, Any], container_id: str, rootfs: Path) -> dict[st
     return guest
 
 
+def network_namespace(spec: dict[str, Any]) -> str:
+    """The path of the network namespace ``spec`` joins ("" if it makes a new one or has none)."""
+    for namespace in spec.get("linux", {}).get("namespaces", []):
+        if namespace.get("type") == "network":
+            return str(namespace.get("path") or "")
+    return ""
+
+
 class Pod:
     def __init__(
         self,
@@ -125,7 +135,10 @@ class Pod:
         self._exits = threading.Lock()  # a process seen stopped has had its exit announced
 
     # -- the VM --------------------------------------------------------------------------------
-    def _sandbox_for(self, config_path: str | None, hostname: str) -> Sandbox:
+    def _sandbox_for(self, config_path: str | None, hostname: str, netns_path: str = "") -> Sandbox:
+        """The pod's VM, started for its first container. Its network is the namespace
+        ``netns_path`` (the pod's, which containerd's CNI configured) if there is one: the VM's
+        NIC stands in for its veth. Without one, the VM gets an empty namespace of its own."""
         if self.sandbox is not None:
             if self.sandbox.dead.is_set():
                 raise ContainerError(f"the pod's VM is dead: {self.sandbox.death_reason}")
@@ -145,7 +158,10 @@ class Pod:
             boot_timeout=cfg.boot_timeout,
         )
         config = templates.for_sandbox(config, cfg.template, warn=self.log, announce=self.log)
-        sandbox = Sandbox(config, warn=self.log)
+        network = SandboxNetwork.join(self.pod_id, netns_path) if netns_path else None
+        if network is not None:
+            config = dataclasses.replace(config, netns_fd=network.netns_fd)
+        sandbox = Sandbox(config, warn=self.log, network=network)
         how = f"restoring it from template {config.template.name}" if config.template else "booting it"
         self.log(f"the pod's VM: {how} ({cfg.kernel} kernel, {accel.reason}; config: {cfg.source})")
         try:
@@ -212,7 +228,7 @@ class Pod:
         with self._lock:
             if container_id in self.containers:
                 raise ContainerExists(f"container {container_id} already exists")
-            sandbox = self._sandbox_for(config_path, spec.get("hostname", ""))
+            sandbox = self._sandbox_for(config_path, spec.get("hostname", ""), network_namespace(spec))
             mount_rootfs(rootfs_mounts, rootfs)
             try:
                 sandbox.add_container(
