@@ -53,7 +53,8 @@ class Cri:
         return self._call("Status", cri.StatusRequest(), cri.StatusResponse)
 
     def pod_config(self, name: str, *, host_network: bool = True) -> cri.PodSandboxConfig:
-        """A pod on the host's network (no CNI plugin here: see harness.render_config)."""
+        """A pod on the host's network, or with a network of its own from the CNI plugins (where
+        they are installed: see harness.render_config)."""
         uid = uuid.uuid4().hex
         log_directory = self.containerd.paths.pod_logs / uid
         log_directory.mkdir(parents=True, exist_ok=True)
@@ -106,6 +107,12 @@ class Cri:
     def exec_sync(self, container_id: str, command: list[str], timeout: int = 60) -> cri.ExecSyncResponse:
         request = cri.ExecSyncRequest(container_id=container_id, cmd=command, timeout=timeout)
         return self._call("ExecSync", request, cri.ExecSyncResponse)
+
+    def pod_ip(self, pod_id: str) -> str:
+        """The pod's address, as its CNI network gave it ("" on the host's network)."""
+        request = cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id)
+        status = self._call("PodSandboxStatus", request, cri.PodSandboxStatusResponse).status
+        return str(status.network.ip)
 
     def pod_state(self, pod_id: str) -> int:
         request = cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id)

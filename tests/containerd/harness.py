@@ -42,6 +42,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from hako.image.busybox import build_busybox_image
 from hako.image.pause import build_pause_image
@@ -59,6 +60,10 @@ CONTAINERD_RUN = Path("/run/containerd")
 HAKO_RUN_DEFAULT = Path("/run/hako")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
+# Debian's containernetworking-plugins: where present, pods may have networks of their own
+CNI_PLUGINS = Path("/usr/lib/cni")
+CNI_BRIDGE = "hakotest0"
+CNI_SUBNET = "10.212.0.0/24"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
@@ -169,15 +174,32 @@ def _toml(value: str | bool | Sequence[str]) -> str:
     return "[" + ", ".join(json.dumps(item) for item in value) + "]"
 
 
+def cni_available() -> bool:
+    return all((CNI_PLUGINS / plugin).is_file() for plugin in ("bridge", "host-local", "loopback"))
+
+
+def cni_conflist(paths: Paths) -> dict[str, Any]:
+    """A bridge network of the tests' own, addresses kept under ``paths``."""
+    ipam = {
+        "type": "host-local",
+        "ranges": [[{"subnet": CNI_SUBNET}]],
+        "routes": [{"dst": "0.0.0.0/0"}],
+        "dataDir": str(paths.base / "cni" / "ipam"),
+    }
+    bridge = {"type": "bridge", "bridge": CNI_BRIDGE, "isGateway": True, "ipMasq": False, "ipam": ipam}
+    return {"cniVersion": "1.0.0", "name": "hako-test", "plugins": [bridge]}
+
+
 def render_config(paths: Paths, *, hako_config: Path | None = None, debug: bool = True) -> str:
     """containerd's config.toml (version 2) for a private daemon under ``paths.base``.
 
     CRI: the sandbox image is the local pause image, runtime handlers ``runc`` and ``hako``.
-    No CNI plugin is installed here: the CNI dirs are empty ones of our own (so that the host's
-    /etc/cni/net.d is never read), which leaves the CRI plugin's network "not ready". That does
-    not stop RunPodSandbox for a pod on the host's network (NamespaceOption network=NODE), which
-    skips CNI; a pod with its own network namespace fails with "cni plugin not initialized".
-    Network namespaces would be mounted under our state dir, not /run/netns.
+    CNI: the conf dir is one of our own (the host's /etc/cni/net.d is never read). Where Debian's
+    CNI plugins are installed (:func:`cni_available`) it holds a bridge network of our own
+    (:func:`cni_conflist`) and pods may have network namespaces of their own; otherwise it is
+    empty, which leaves the CRI plugin's network "not ready": RunPodSandbox still works for a pod
+    on the host's network (NamespaceOption network=NODE), which skips CNI. Network namespaces
+    are mounted under our state dir, not /run/netns.
     """
     cri = 'plugins."io.containerd.grpc.v1.cri"'
     runtimes = f"{cri}.containerd.runtimes"
@@ -206,7 +228,7 @@ def render_config(paths: Paths, *, hako_config: Path | None = None, debug: bool 
         f"  stream_server_port = {_toml('0')}",
         "",
         f"[{cri}.cni]",
-        f"  bin_dir = {_toml(str(paths.cni_bin))}",
+        f"  bin_dir = {_toml(str(CNI_PLUGINS if cni_available() else paths.cni_bin))}",
         f"  conf_dir = {_toml(str(paths.cni_conf))}",
         "",
         f"[{cri}.containerd]",
@@ -597,6 +619,8 @@ class Containerd:
             ):
                 directory.mkdir(parents=True, exist_ok=True)
             (paths.hako_run / "tcg-notice").touch()  # hako's once-per-host TCG notice: not in tests
+            if cni_available():
+                (paths.cni_conf / "10-hako-test.conflist").write_text(json.dumps(cni_conflist(paths)))
             paths.config.write_text(render_config(paths, hako_config=self.hako_config, debug=self.debug))
             self._baseline = _Baseline(
                 shim_sockets=set(SHIM_SOCKETS.iterdir()) if SHIM_SOCKETS.is_dir() else set(),

@@ -7,13 +7,17 @@ containers all run. After StopPodSandbox + RemovePodSandbox nothing of it remain
 
 from __future__ import annotations
 
+import ipaddress
+import platform
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.containerd.cri import Cri
-from tests.containerd.harness import CRI_NAMESPACE, PAUSE, Containerd, Runtime
+from tests.containerd.harness import CNI_SUBNET, CRI_NAMESPACE, PAUSE, Containerd, Runtime, cni_available
 
 pytestmark = pytest.mark.integration
 
@@ -31,8 +35,42 @@ def cri(containerd: Containerd) -> Iterator[Cri]:
 def test_cri_answers(cri: Cri) -> None:
     assert cri.version().runtime_api_version == "v1"
     conditions = {c.type: c.status for c in cri.status().status.conditions}
-    # No CNI plugin here: only host-network pods can run, and the CRI plugin says so.
-    assert conditions == {"RuntimeReady": True, "NetworkReady": False}
+    # Without the CNI plugins only host-network pods can run, and the CRI plugin says so.
+    assert conditions == {"RuntimeReady": True, "NetworkReady": cni_available()}
+
+
+@pytest.mark.skipif(not cni_available(), reason="needs Debian's containernetworking-plugins")
+def test_pod_network_from_cni(cri: Cri, containerd: Containerd, runtime: Runtime) -> None:
+    """A pod with a network of its own: CNI's bridge plugin configures a veth in the pod's
+    namespace; with hako, the VM's NIC stands in for it (tcfilter) and takes its address."""
+    pod_config = cri.pod_config(f"net-{runtime.name}", host_network=False)
+    pod_id = cri.run_pod(pod_config, handler=runtime.name)
+    cri.wait_for_pod_ready(pod_id)
+    address = cri.pod_ip(pod_id)
+    assert ipaddress.ip_address(address) in ipaddress.ip_network(CNI_SUBNET)
+
+    serve = "while :; do echo hello-from-pod | nc -l -p 8080; done"
+    server = cri.create_container(pod_id, pod_config, "server", ["sh", "-c", serve])
+    cri.start_container(server)
+    shown = cri.exec_sync(server, ["ip", "-o", "-4", "addr", "show", "eth0"])
+    assert f" {address}/" in shown.stdout.decode(), shown
+    if runtime.vm:
+        kernel = cri.exec_sync(server, ["uname", "-r"]).stdout.decode().strip()
+        assert kernel != platform.release(), kernel  # the address is the guest's, not the host's
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with socket.create_connection((address, 8080), timeout=5) as conn:
+                if conn.recv(100) == b"hello-from-pod\n":
+                    break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"the host could not reach the pod at {address}:8080"
+        time.sleep(0.3)
+
+    cri.stop_pod(pod_id)
+    cri.remove_pod(pod_id)
+    assert cri.list_pods() == []
 
 
 def test_pod_with_two_containers(cri: Cri, containerd: Containerd, runtime: Runtime) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -76,6 +77,13 @@ def check(args: argparse.Namespace) -> int:
         ("/dev/vhost-vsock", "vsock channel"),
     ):
         print(f"{device}: {'present' if os.path.exists(device) else 'absent'} ({use})")
+    for tool, package, use in (
+        ("qemu-img", "qemu-utils", "block rootfs: --rootfs block"),
+        ("mkfs.ext4", "e2fsprogs", "block rootfs: --rootfs block"),
+        ("nft", "nftables", "the default network: NAT and -p"),
+    ):
+        found = shutil.which(tool)
+        print(f"{tool}: {found or f'not found (apt-get install {package})'} ({use})")
     print(f"running as root: {'yes' if os.geteuid() == 0 else 'no (hako run needs root)'}")
     for status in assets.status():
         print(f"asset: {status}")
