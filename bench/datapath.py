@@ -159,18 +159,21 @@ def hako_container(bench: Bench, image: str, args: list[str], rootfs: str) -> It
 
 
 @contextlib.contextmanager
-def serving(bench: Bench, backend: str, image: str, args: list[str], port: int) -> Iterator[str]:
-    """``image`` serving on ``port`` under ``backend``; yields its address once it answers."""
+def serving(bench: Bench, backend: str, image: str, args: list[str], port: int | None) -> Iterator[str]:
+    """``image`` serving under ``backend``; yields its address once ``port`` answers (at once
+    with None: for a server that a probe's connection would upset, such as iperf3's)."""
     if backend == "runc":
         with runc_bundle(bench, image, args) as run:
             run.insert(-3, "-d")
             quiet = subprocess.DEVNULL
             subprocess.run(run, check=True, stdin=quiet, stdout=quiet, stderr=quiet)
-            wait_for_port(RUNC_NETWORK[1], port)
+            if port is not None:
+                wait_for_port(RUNC_NETWORK[1], port)
             yield RUNC_NETWORK[1]
         return
     with hako_container(bench, image, args, backend.partition("+")[2]) as address:
-        wait_for_port(address, port)
+        if port is not None:
+            wait_for_port(address, port)
         yield address
 
 

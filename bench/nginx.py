@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -43,15 +44,21 @@ def ab(address: str, requests: int, time_limit: int, concurrency: int = 100) -> 
     return float(rate.group(1)), int(complete.group(1)), int(failed.group(1)) if failed else 0
 
 
-def iperf3(address: str, seconds: int) -> float:
-    """Host-to-container throughput in Gbit/s (what the server received)."""
+def iperf3(address: str, seconds: int, timeout: float = 120) -> float:
+    """Host-to-container throughput in Gbit/s (what the server received), once the server is up."""
     argv = ["iperf3", "-c", address, "-t", str(seconds), "-J"]
-    result = subprocess.run(argv, capture_output=True, text=True, check=False)
-    try:
-        report = json.loads(result.stdout)
-        return float(report["end"]["sum_received"]["bits_per_second"]) / 1e9
-    except (ValueError, KeyError) as exc:
-        raise SystemExit(f"iperf3 against {address} failed: {result.stderr.strip() or exc}") from exc
+    deadline = time.monotonic() + timeout
+    while True:
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        try:
+            report = json.loads(result.stdout)
+        except ValueError:
+            report = {"error": result.stderr.strip()}
+        if "error" not in report:
+            return float(report["end"]["sum_received"]["bits_per_second"]) / 1e9
+        if time.monotonic() > deadline:
+            raise SystemExit(f"iperf3 against {address} failed: {report['error']}")
+        time.sleep(0.5)  # not listening yet
 
 
 def main() -> None:
@@ -75,7 +82,7 @@ def main() -> None:
                 nginx_rates[backend] = ab(address, args.requests, args.time_limit)
         for backend in ("runc", "hako+block"):
             print(f"iperf3 on {backend} ...", file=sys.stderr)
-            with serving(bench, backend, iperf, ["iperf3", "-s"], 5201) as address:
+            with serving(bench, backend, iperf, ["iperf3", "-s"], None) as address:
                 throughput[backend] = iperf3(address, args.iperf_seconds)
         accel = bench.accel
 
