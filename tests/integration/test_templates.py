@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from hako.network import host
 from tests.integration.harness import BUSYBOX, Hako, qemu_pids_under
 
 pytestmark = pytest.mark.integration
@@ -135,7 +136,9 @@ def test_a_template_qemu_cannot_load_falls_back_to_a_boot(hako: Hako, own_templa
     meta["state_sha256"] = hashlib.sha256(state.read_bytes()).hexdigest()
     (template / "meta.json").write_text(json.dumps(meta))
 
-    figures, out = _timing(hako, BUSYBOX, "echo", "booted")
+    # The booted VM has a new tap: its network must work as the restored one's would have.
+    reach = f"ping -c 1 -W 10 {host.gateway()} >/dev/null && echo booted"
+    figures, out = _timing(hako, BUSYBOX, "sh", "-c", reach)
     assert out == "booted\n"
     assert "guest_kernel" in figures and "restore" not in figures
     assert _templates(own_templates) == []  # removed: the next run makes it anew

@@ -19,15 +19,17 @@ of the namespace's own stack is in the path.
 
 The address is leased (and the guest's configuration known) before QEMU starts, which costs no
 netlink; the veth and filters are made with pyroute2 while the guest boots (``start_wiring``),
-and a container is created only once they are in place (``wait_wired``).
+by a short-lived process of their own (:mod:`hako.network.wire`), and a container is created
+only once they are in place (``wait_wired``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
+import json
 import os
-import socket
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -38,10 +40,7 @@ from hako.network import host, netns, records
 MODES = ("bridge", "none")
 GUEST_DEVICE = "eth0"  # the guest's NIC, as its kernel names it
 VETH = "eth0"  # the veth's end in the sandbox's namespace (bridge mode)
-ETH_P_ALL = 0x0003
-INGRESS = 0xFFFF0000
 WIRE_TIMEOUT = 30.0
-RT_TABLE_MAIN = 254
 
 
 @dataclass(frozen=True)
@@ -143,9 +142,12 @@ class SandboxNetwork:
     def _wire(self) -> None:
         try:
             if self.mode == "bridge":
-                self._wire_routed()
+                assert self.address is not None
+                self._run_wire("routed", "--sandbox-id", self.sandbox_id, "--address", str(self.address))
             else:
-                self._wire_joined()
+                answer = self._run_wire("joined")
+                self._veth = str(answer["veth"])
+                self._guest = guest_network(answer["guest"])
         except BaseException as exc:
             self._wire_error = exc
         finally:
@@ -166,72 +168,24 @@ class SandboxNetwork:
             self.wait_wired()
         return self._guest
 
-    def _wire_routed(self) -> None:
-        from pyroute2 import IPRoute
-
-        assert self.address is not None
-        peer = host.veth_name(self.sandbox_id)
-        host.ensure_host()
-        host_fd = netns.current()
-        try:
-            with netns.entered(self.netns_fd):
-                inside = IPRoute()
-            try:
-                inside.link(
-                    "add",
-                    ifname=VETH,
-                    kind="veth",
-                    address=mac_for(self.address),
-                    peer={"ifname": peer, "net_ns_fd": host_fd},
-                )
-                _redirect_both_ways(inside, VETH, netns.TAP_NAME)
-            finally:
-                inside.close()
-            with IPRoute() as outside:
-                host.connect_veth(outside, peer, self.address)
-        finally:
-            os.close(host_fd)
-
-    def _wire_joined(self) -> None:
-        from pyroute2 import IPRoute
-
-        with netns.entered(self.netns_fd):
-            inside = IPRoute()
-        try:
-            link = _uplink(inside)
-            name = link.get_attr("IFLA_IFNAME")
-            index = link["index"]
-            addresses = tuple(
-                (str(a.get_attr("IFA_ADDRESS")), int(a["prefixlen"]))
-                for a in inside.get_addr(index=index)
-                if a["scope"] == 0  # global: the kernel makes link-local ones itself
-            )
-            interface = GuestInterface(
-                GUEST_DEVICE, str(link.get_attr("IFLA_ADDRESS")), int(link.get_attr("IFLA_MTU")), addresses
-            )
-            routes = tuple(_routes(inside, index))
-            self._veth = str(name)
-            _redirect_both_ways(inside, self._veth, netns.TAP_NAME)
-        finally:
-            inside.close()
-        self._guest = GuestNetwork((interface,), routes, ())
-
     def rewire(self) -> None:
         """Point the filters at a new tap: the VM was replaced (a restore that fell back to a
         boot), and its tap went with the old QEMU."""
         if self.mode == "none":
             return
         self.wait_wired()
-        from pyroute2 import IPRoute
+        self._run_wire("rewire", "--veth", self._veth)
 
-        with netns.entered(self.netns_fd):
-            inside = IPRoute()
-        try:
-            _redirect_both_ways(inside, self._veth, netns.TAP_NAME)
-        except Exception as exc:
-            raise NetworkError(f"cannot wire the new VM's tap: {exc}") from exc
-        finally:
-            inside.close()
+    def _run_wire(self, *args: str) -> dict[str, Any]:
+        """Run :mod:`hako.network.wire` on the namespace: pyroute2 is loaded by that short-lived
+        process, not by the one that holds the sandbox for its whole life (12 MiB each)."""
+        argv = [sys.executable, "-m", "hako.network.wire", "--netns-fd", str(self.netns_fd), *args]
+        result = subprocess.run(argv, capture_output=True, text=True, pass_fds=(self.netns_fd,), check=False)
+        if result.returncode != 0:
+            lines = result.stderr.strip().splitlines()
+            raise NetworkError(lines[-1] if lines else f"{argv[3]} exited with status {result.returncode}")
+        answer: dict[str, Any] = json.loads(result.stdout or "{}")
+        return answer
 
     # -- ports ---------------------------------------------------------------------------------
     def publish(self, mappings: list[host.PortMapping]) -> None:
@@ -252,60 +206,11 @@ class SandboxNetwork:
         os.close(self.netns_fd)
 
 
-def _index(ipr: Any, name: str) -> int:
-    found = ipr.link_lookup(ifname=name)
-    if not found:
-        raise NetworkError(f"network interface {name} not found")
-    return int(found[0])
-
-
-def _redirect_both_ways(ipr: Any, veth: str, tap: str) -> None:
-    """tc ingress filters: every frame arriving on one leaves by the other (Kata's tcfilter).
-    Filters already there (for a tap that was replaced) are replaced."""
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    ends = (_index(ipr, veth), _index(ipr, tap))
-    for index in ends:
-        ipr.link("set", index=index, state="up")
-        with contextlib.suppress(NetlinkError):  # none yet
-            ipr.tc("del", "ingress", index)
-        ipr.tc("add", "ingress", index)
-    for source, target in (ends, ends[::-1]):
-        action = {"kind": "mirred", "direction": "egress", "action": "redirect", "ifindex": target}
-        ipr.tc(
-            "add-filter",
-            "u32",
-            source,
-            parent=INGRESS,
-            protocol=ETH_P_ALL,
-            target=0,
-            keys=["0x0/0x0+0"],
-            action=[action],
-        )
-
-
-def _uplink(ipr: Any) -> Any:
-    """The joined namespace's own interface: the first one besides the loopback and our tap
-    that has an address."""
-    for link in ipr.get_links():
-        name = link.get_attr("IFLA_IFNAME")
-        if name in ("lo", netns.TAP_NAME):
-            continue
-        if any(a["scope"] == 0 for a in ipr.get_addr(index=link["index"])):
-            return link
-    raise NetworkError("the network namespace has no interface with an address to give the guest")
-
-
-def _routes(ipr: Any, index: int) -> list[GuestRoute]:
-    """The namespace's main-table routes through ``index``, for the guest; on-link first."""
-    found = []
-    for family in (socket.AF_INET, socket.AF_INET6):
-        for route in ipr.get_routes(family=family, table=RT_TABLE_MAIN):
-            if route.get_attr("RTA_OIF") != index or route["proto"] == 2:  # 2: made by the kernel
-                continue
-            destination = route.get_attr("RTA_DST")
-            target = f"{destination}/{route['dst_len']}" if destination else "default"
-            gateway = str(route.get_attr("RTA_GATEWAY") or "")
-            source = str(route.get_attr("RTA_PREFSRC") or "")
-            found.append(GuestRoute(target, gateway=gateway, source=source))
-    return sorted(found, key=lambda r: r.gateway != "")
+def guest_network(data: dict[str, Any]) -> GuestNetwork:
+    """A GuestNetwork from its JSON form (``dataclasses.asdict``)."""
+    interfaces = tuple(
+        GuestInterface(i["device"], i["hw_addr"], i["mtu"], tuple((a, n) for a, n in i["addresses"]))
+        for i in data.get("interfaces", [])
+    )
+    routes = tuple(GuestRoute(**r) for r in data.get("routes", []))
+    return GuestNetwork(interfaces, routes, tuple(data.get("dns", [])))
