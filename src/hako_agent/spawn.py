@@ -657,8 +657,11 @@ def _setup_process(proc: ProcessPlan, sock: socket.socket | None, console: bool)
             linux.prctl(linux.PR_SET_KEEPCAPS, 0)
         linux.capset(caps.effective, caps.permitted, caps.inheritable)
         linux.prctl(linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_CLEAR_ALL)
+        # The kernel raises an ambient capability only if it is permitted and inheritable; runc
+        # skips the others (`runc spec` asks for ambient ones without inheritable), so do we.
+        raisable = caps.ambient & caps.permitted & caps.inheritable
         for cap in range(CAP_LAST + 1):
-            if caps.ambient >> cap & 1:
+            if raisable >> cap & 1:
                 linux.prctl(linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_RAISE, cap)
     if proc.no_new_privileges:
         linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)

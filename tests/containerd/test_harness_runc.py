@@ -14,6 +14,8 @@ import pytest
 
 from tests.containerd.harness import (
     BUSYBOX,
+    CNI_PLUGINS,
+    CNI_SUBNET,
     CRI_NAMESPACE,
     HAKO,
     NAMESPACE,
@@ -23,6 +25,8 @@ from tests.containerd.harness import (
     Containerd,
     Ctr,
     Paths,
+    cni_available,
+    cni_conflist,
     render_config,
     run_in_pty,
     unique_id,
@@ -41,8 +45,11 @@ def test_config_is_valid_toml_with_what_cri_needs(tmp_path: Path) -> None:
     cri = config["plugins"]["io.containerd.grpc.v1.cri"]
     assert cri["sandbox_image"] == PAUSE
     assert cri["restrict_oom_score_adj"] is True
-    assert cri["cni"]["conf_dir"].startswith(str(tmp_path))
-    assert cri["cni"]["bin_dir"].startswith(str(tmp_path))
+    assert cri["cni"]["conf_dir"].startswith(str(tmp_path))  # never the host's /etc/cni/net.d
+    # Debian's plugins where installed (with a network of the tests' own), else an empty dir
+    assert cri["cni"]["bin_dir"] == str(CNI_PLUGINS if cni_available() else paths.cni_bin)
+    ipam = cni_conflist(paths)["plugins"][0]["ipam"]
+    assert ipam["dataDir"].startswith(str(tmp_path)) and ipam["ranges"] == [[{"subnet": CNI_SUBNET}]]
     runtimes = cri["containerd"]["runtimes"]
     assert runtimes["runc"]["runtime_type"] == RUNC.type
     assert runtimes["runc"]["options"]["Root"] == str(paths.runc_root)

@@ -10,15 +10,15 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from hako.image.store import ImageStore
 from hako.network import host, records
 from tests.integration.harness import BUSYBOX, Hako
 
 pytestmark = pytest.mark.integration
-
-SERVE = "while :; do echo hello-from-{name} | nc -l -p 80; done"
 
 
 def free_port() -> int:
@@ -26,6 +26,15 @@ def free_port() -> int:
         probe.bind(("0.0.0.0", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def serve_published(hako: Hako, name: str, port: int) -> str:
+    """A detached container ``name`` that greets whoever connects to its port 80, published on
+    the host's ``port``; its sandbox id."""
+    script = f"while :; do echo hello-from-{name} | nc -l -p 80; done"
+    return hako(
+        "run", "-d", "--name", name, "-p", f"{port}:80", BUSYBOX, "sh", "-c", script, check=True
+    ).stdout.strip()
 
 
 def state_of(hako: Hako, sandbox_id: str) -> dict[str, object]:
@@ -94,19 +103,7 @@ def test_a_container_reaches_a_server_on_the_host(hako: Hako, host_server: int) 
 
 def test_the_host_reaches_a_published_port(hako: Hako) -> None:
     port = free_port()
-    sandbox_id = hako(
-        "run",
-        "-d",
-        "--name",
-        "web",
-        "-p",
-        f"{port}:80",
-        BUSYBOX,
-        "sh",
-        "-c",
-        SERVE.format(name="web"),
-        check=True,
-    ).stdout.strip()
+    sandbox_id = serve_published(hako, "web", port)
     assert read_from("127.0.0.1", port) == b"hello-from-web\n"
     outside = subprocess.run(["hostname", "-I"], capture_output=True, text=True, check=True).stdout.split()
     assert read_from(outside[0], port) == b"hello-from-web\n"  # as another host would
@@ -130,19 +127,7 @@ def test_a_published_port_in_use_is_refused_at_once(hako: Hako) -> None:
 
 def test_sandboxes_cannot_reach_each_other_unless_a_port_is_published(hako: Hako) -> None:
     port = free_port()
-    a_id = hako(
-        "run",
-        "-d",
-        "--name",
-        "a",
-        "-p",
-        f"{port}:80",
-        BUSYBOX,
-        "sh",
-        "-c",
-        SERVE.format(name="a"),
-        check=True,
-    ).stdout.strip()
+    a_id = serve_published(hako, "a", port)
     a_address = str(state_of(hako, a_id)["address"])
     assert read_from("127.0.0.1", port) == b"hello-from-a\n"  # a serves
     probe = (
@@ -167,20 +152,8 @@ def test_network_none_has_only_a_loopback(hako: Hako, host_server: int) -> None:
 
 def test_a_sandbox_killed_with_sigkill_leaves_nothing_after_rm(hako: Hako) -> None:
     port = free_port()
-    sandbox_id = hako(
-        "run",
-        "-d",
-        "--name",
-        "doomed",
-        "-p",
-        f"{port}:80",
-        BUSYBOX,
-        "sh",
-        "-c",
-        SERVE.format(name="d"),
-        check=True,
-    ).stdout.strip()
-    assert read_from("127.0.0.1", port) == b"hello-from-d\n"
+    sandbox_id = serve_published(hako, "doomed", port)
+    assert read_from("127.0.0.1", port) == b"hello-from-doomed\n"
     state = state_of(hako, sandbox_id)
     veth = f"hk{sandbox_id[:12]}"
     layer = hako.run_root / "sandboxes" / sandbox_id / "containers" / sandbox_id / "rootfs.qcow2"
@@ -202,3 +175,50 @@ def test_a_sandbox_killed_with_sigkill_leaves_nothing_after_rm(hako: Hako) -> No
         ["nft", "list", "map", "ip", "hako", "publish_tcp"], capture_output=True, text=True, check=True
     ).stdout
     assert f"{port} :" not in elements
+
+
+@pytest.fixture
+def foreign_netns() -> Iterator[str]:
+    """A network namespace someone else configured (as CNI would): a veth with 10.213.0.2/30."""
+    name = f"hakotest{os.getpid()}"
+    host_end = f"hkt{os.getpid()}"[:15]
+    commands = [
+        ["ip", "netns", "add", name],
+        ["ip", "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", name],
+        ["ip", "addr", "add", "10.213.0.1/30", "dev", host_end],
+        ["ip", "link", "set", host_end, "up"],
+        ["ip", "-n", name, "addr", "add", "10.213.0.2/30", "dev", "eth0"],
+        ["ip", "-n", name, "link", "set", "eth0", "up"],
+        ["ip", "-n", name, "route", "add", "default", "via", "10.213.0.1"],
+    ]
+    try:
+        for argv in commands:
+            subprocess.run(argv, check=True, capture_output=True)
+        yield f"/run/netns/{name}"
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+def test_a_network_namespace_made_by_someone_else(
+    hako: Hako, foreign_netns: str, host_server: int, image_store: Path, tmp_path: Path
+) -> None:
+    script = f"ip -o -4 addr show eth0; ip route; nc -w 10 10.213.0.1 {host_server} </dev/null"
+    result = hako("run", "--rm", "--network", f"ns:{foreign_netns}", BUSYBOX, "sh", "-c", script, check=True)
+    assert " 10.213.0.2/30 " in result.stdout and "default via 10.213.0.1" in result.stdout, result.stdout
+    assert "hello-from-host" in result.stdout
+
+    # A bundle whose config.json names the namespace joins it without being told.
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    subprocess.run(["runc", "spec", "--bundle", str(bundle)], check=True)
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["root"] = {"path": str(ImageStore(image_store).get(BUSYBOX).rootfs), "readonly": True}
+    spec["process"].update(args=["ip", "-o", "-4", "addr", "show", "eth0"], terminal=False)
+    for namespace in spec["linux"]["namespaces"]:
+        if namespace["type"] == "network":
+            namespace["path"] = foreign_netns
+    (bundle / "config.json").write_text(json.dumps(spec))
+    assert " 10.213.0.2/30 " in hako("run", "--rm", str(bundle), check=True).stdout
+
+    missing = hako("run", "--rm", "--network", "ns:/run/netns/nosuch", BUSYBOX, "true")
+    assert missing.returncode == 125 and "is not a network namespace" in missing.stderr

@@ -271,6 +271,21 @@ def test_non_root_keeps_only_ambient_caps(sandbox: Sandbox, rootfs: Path) -> Non
     assert status == 0 and out.split()[1] == f"{1 << 10:016x}"
 
 
+def test_ambient_caps_that_are_not_inheritable_are_skipped_as_runc_does(
+    sandbox: Sandbox, rootfs: Path
+) -> None:
+    # `runc spec` asks for ambient capabilities without inheritable ones: the kernel cannot
+    # raise those, and runc goes on without them.
+    caps = {
+        name: ["CAP_KILL", "CAP_NET_BIND_SERVICE"]
+        for name in ("bounding", "effective", "permitted", "ambient")
+    }
+    status, out, err = run(sandbox, rootfs, ["grep", "^Cap", "/proc/self/status"], capabilities=caps)
+    fields = dict(line.split(":\t") for line in out.splitlines())
+    assert status == 0, err
+    assert fields["CapEff"] == f"{(1 << 5) | (1 << 10):016x}" and fields["CapAmb"] == "0" * 16
+
+
 def test_cwd_and_env(sandbox: Sandbox, rootfs: Path) -> None:
     status, out, _ = run(sandbox, rootfs, ["env"], env=["PATH=/bin", "FOO=bar baz"], cwd="/work")
     assert status == 0 and sorted(out.splitlines()) == ["FOO=bar baz", "PATH=/bin"]

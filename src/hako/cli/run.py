@@ -38,7 +38,7 @@ from hako.runtime.state import (
 )
 
 ROOTFS_MODES = ("auto", "block", "9p")
-NETWORK_MODES = ("bridge", "none")  # hako.network.sandbox.MODES, without importing it here
+NETWORK_MODES = ("bridge", "none")  # and ns:PATH (hako.network.sandbox, not imported here)
 BASE_VM_MEMORY_MIB = 256  # the guest itself: kernel, agent, page cache for the shared rootfs
 MAX_VCPUS = 64
 
@@ -68,10 +68,10 @@ def add_parsers(commands: Any) -> None:
     )
     p.add_argument(
         "--network",
-        choices=NETWORK_MODES,
-        default="bridge",
+        metavar="bridge|none|ns:PATH",
         help="bridge: an address of its own, NAT to the outside, -p to publish ports (default); "
-        "none: a loopback only",
+        "none: a loopback only; ns:PATH: the network namespace at PATH, configured by someone else "
+        "(default for a bundle whose config.json names one)",
     )
     p.add_argument("--memory", metavar="SIZE", help="memory limit of the container (e.g. 256m)")
     p.add_argument("--cpus", metavar="N", help="CPUs the container may use (e.g. 1.5)")
@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     memory = parse_memory(args.memory) if args.memory else None
     cpus = parse_cpus(args.cpus) if args.cpus else None
     volumes = [parse_volume(v) for v in args.volume]
+    args.network = _network(args)
     ports = _ports(args)
     accel = accelerator(args.accel)
     kernel = assets.kernel(args.kernel)
@@ -182,6 +183,26 @@ def run(args: argparse.Namespace) -> int:
         notify.close()
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
+
+
+def _network(args: argparse.Namespace) -> str:
+    """The sandbox's network mode: as given, else the network namespace a bundle's config.json
+    names (cheaply read here: QEMU starts in it, before the bundle is loaded), else bridge."""
+    mode: str | None = args.network
+    if mode is None:
+        mode = "bridge"
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+            spec = json.loads((Path(args.image) / "config.json").read_text())
+            for namespace in spec["linux"]["namespaces"]:
+                if namespace.get("type") == "network" and namespace.get("path"):
+                    mode = f"ns:{namespace['path']}"
+    if mode.startswith("ns:"):
+        path = mode[3:]
+        if not os.path.isabs(path) or not os.path.exists(path):
+            raise UsageError(f"--network {mode}: {path} is not a network namespace (e.g. /run/netns/NAME)")
+    elif mode not in NETWORK_MODES:
+        raise UsageError(f"--network {mode}: use bridge, none or ns:PATH")
+    return mode
 
 
 def _ports(args: argparse.Namespace) -> list[str]:

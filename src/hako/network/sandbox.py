@@ -106,9 +106,12 @@ class SandboxNetwork:
 
     @classmethod
     def create(cls, sandbox_id: str, mode: str) -> SandboxNetwork:
-        """A new namespace for a sandbox; in bridge mode, with its address leased."""
+        """A new namespace for a sandbox; in bridge mode, with its address leased. ``ns:PATH``
+        joins the namespace at PATH instead (:meth:`join`)."""
+        if mode.startswith("ns:"):
+            return cls.join(sandbox_id, mode[3:])
         if mode not in MODES:
-            raise NetworkError(f"network mode {mode!r}: use one of {', '.join(MODES)}")
+            raise NetworkError(f"network mode {mode!r}: use one of {', '.join(MODES)} or ns:PATH")
         network = cls(sandbox_id, mode, netns.create())
         if mode == "bridge":
             try:
