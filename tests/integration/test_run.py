@@ -220,6 +220,16 @@ def test_no_qemu(hako: Hako) -> None:
     assert hako.sandbox_dirs() == []
 
 
+def test_a_qemu_that_fails_at_start_is_named(hako: Hako, tmp_path: Path) -> None:
+    broken = tmp_path / "qemu-system-x86_64"
+    broken.write_text("#!/bin/sh\necho 'qemu: cannot do this here' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    hako.env["HAKO_QEMU"] = str(broken)
+    result = hako("run", "--rm", "--template", "off", BUSYBOX, "true")
+    _one_line_error(result, 125, "the VM died while booting", "cannot do this here")
+    assert hako.sandbox_dirs() == []
+
+
 # -- the VM dying or hanging under a container ------------------------------------------------
 
 

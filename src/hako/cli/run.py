@@ -22,7 +22,7 @@ from typing import Any
 from hako import assets
 from hako.cli.common import accelerator, process_age, require_root
 from hako.cli.options import parse_cpus, parse_memory, parse_volume
-from hako.errors import HakoError, UsageError
+from hako.errors import HakoError, SandboxError, UsageError
 from hako.hypervisor import find_qemu
 from hako.runtime import pool, templates
 from hako.runtime.config import SandboxConfig
@@ -273,7 +273,10 @@ def _run(
         if not claimed:
             notify.expect("launched")
         spec, image_name, disk = _spec(args, state.id, **limits)
-        (state.dir / "config.json").write_text(json.dumps(spec, indent=1))
+        try:
+            (state.dir / "config.json").write_text(json.dumps(spec, indent=1))
+        except FileNotFoundError as exc:  # its daemon ended, and took its run dir along
+            raise SandboxError("the sandbox ended before its container was created") from exc
         if not claimed:
             notify.expect("serving")
         from hako.runtime.client import connect
@@ -294,9 +297,13 @@ def _run(
             return _foreground(args, state, agent, notify)
         finally:
             agent.close()
-    except HakoError:
+    except HakoError as exc:
         if not created:
-            _abort(state, daemon, notify)
+            final = _abort(state, daemon, notify)
+            if final and final.get("error") and final.get("status") == "dead":
+                # The sandbox failed on its own (its VM died booting, say): its reason, not
+                # ours for not reaching it.
+                raise HakoError(str(final["error"])) from exc
         else:
             _final(notify)  # the daemon records the failure and stops the VM once we hang up
         raise
@@ -327,12 +334,14 @@ def _spec(
     return build_spec(sandbox_id, options, image=target.config, rootfs=target.rootfs), name, disk
 
 
-def _abort(state: SandboxState, daemon: int, notify: Notifications) -> None:
-    """Nothing was created: stop the daemon (and so its VM, which dies with it) and leave no trace."""
+def _abort(state: SandboxState, daemon: int, notify: Notifications) -> dict[str, Any] | None:
+    """Nothing was created: stop the daemon (and so its VM, which dies with it) and leave no
+    trace. Returns the daemon's final state."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(daemon, signal.SIGTERM)
-    _final(notify)
+    final = _final(notify)
     shutil.rmtree(state.dir, ignore_errors=True)
+    return final
 
 
 def _foreground(args: argparse.Namespace, state: SandboxState, agent: Any, notify: Notifications) -> int:

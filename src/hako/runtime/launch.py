@@ -89,12 +89,13 @@ def fork_sandbox(
             from hako.runtime.templates import prepare_clone
 
             prepare_clone(config)
+        sandbox_network = SandboxNetwork.create(state.id, network)
         try:
-            sandbox_network = SandboxNetwork.create(state.id, network)
             config = dataclasses.replace(config, netns_fd=sandbox_network.netns_fd)
             vm = QemuVM(config.vm_config())
             vm.start()
         except HakoError as exc:
+            sandbox_network.close()
             notify(write_fd, {"error": str(exc), "exit_code": exc.exit_code})
             raise
         notify(write_fd, {"launched": True})
