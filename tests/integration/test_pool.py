@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,6 +69,31 @@ def test_run_takes_a_pooled_sandbox_and_the_pool_refills(pooled: Hako) -> None:
     [refilled] = _wait_ready(hako, 1)
     assert refilled != member
     assert not any(p.name.startswith(member) for p in hako.sandbox_dirs())  # --rm: gone
+
+
+def test_a_pooled_sandbox_takes_a_block_rootfs_and_publishes_ports(pooled: Hako) -> None:
+    """Its disk is attached and its port published when it is taken, long after its restore."""
+    hako = pooled
+    hako("pool", "fill", "1", check=True)
+    with socket.socket() as probe:
+        probe.bind(("0.0.0.0", 0))
+        port = probe.getsockname()[1]
+    script = (
+        "awk '$2 == \"/\" {print $3}' /proc/mounts > /tmp/root; while :; do cat /tmp/root | nc -l -p 80; done"
+    )
+    started = hako("run", "-d", "--name", "web", "-p", f"{port}:80", BUSYBOX, "sh", "-c", script, check=True)
+    state = json.loads((hako.run_root / "sandboxes" / started.stdout.strip() / "state.json").read_text())
+    assert "pool_take" in state["timing"]
+    deadline = time.monotonic() + 60
+    answer = b""
+    while not answer and time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                answer = conn.recv(100)
+        except OSError:
+            time.sleep(0.3)
+    assert answer == b"ext4\n"
+    hako("rm", "-f", "web", check=True)
 
 
 def test_pooled_sandboxes_have_their_own_randomness(pooled: Hako) -> None:
