@@ -856,6 +856,8 @@ class Containerd:
                 cgroup = hierarchy / name
                 if cgroup.is_dir() and cgroup not in self._baseline.cgroups:
                     remove_cgroup_tree(cgroup)
+        # The CNI bridge plugin's bridge, which it keeps; by name, ours (no pod is left on it).
+        subprocess.run(["ip", "link", "del", CNI_BRIDGE], capture_output=True, check=False)
         if self._owns_base:
             if self.mounts():
                 problems.append(f"{self.paths.base} not removed: mounts remain under it")
