@@ -149,6 +149,14 @@ def ensure_host() -> None:
         _ensure_table(subnet())
 
 
+def index_of(ipr: Any, name: str) -> int:
+    """The index of link ``name``, as the pyroute2 IPRoute ``ipr`` sees it."""
+    found = ipr.link_lookup(ifname=name)
+    if not found:
+        raise NetworkError(f"network interface {name} not found")
+    return int(found[0])
+
+
 def veth_name(sandbox_id: str) -> str:
     return f"{VETH_PREFIX}{sandbox_id[:12]}"
 
@@ -157,10 +165,7 @@ def connect_veth(ipr: Any, name: str, address: ipaddress.IPv4Address) -> None:
     """The host's end of a sandbox's veth: the gateway address on it, a route to the sandbox's
     address through it, and 127.0.0.1 allowed out of it (published ports reached from the host
     itself). ``ipr`` is a pyroute2 IPRoute in the host's namespace."""
-    found = ipr.link_lookup(ifname=name)
-    if not found:
-        raise NetworkError(f"network interface {name} not found")
-    index = int(found[0])
+    index = index_of(ipr, name)
     ipr.addr("add", index=index, address=str(gateway()), prefixlen=32)
     _sysctl(f"net/ipv4/conf/{name}/route_localnet", "1")
     ipr.link("set", index=index, state="up")
@@ -175,13 +180,8 @@ def lease(holder: records.Holder) -> ipaddress.IPv4Address:
     and ports, is freed first)."""
     network = subnet()
     with records.locked() as directory:
-        taken = set()
-        for path, owner, _ in records.entries(LEASES):
-            if owner.alive():
-                taken.add(path.name)
-            else:
-                path.unlink(missing_ok=True)
-        _unpublish(lambda owner: not owner.alive())
+        _free(lambda owner: not owner.alive())
+        taken = {path.name for path, _, _ in records.entries(LEASES)}
         first = gateway()
         for address in network.hosts():
             if address != first and str(address) not in taken:
@@ -193,19 +193,21 @@ def lease(holder: records.Holder) -> ipaddress.IPv4Address:
 def release(sandbox_id: str) -> None:
     """Free ``sandbox_id``'s address and unpublish its ports."""
     with records.locked():
-        for path, owner, _ in records.entries(LEASES):
-            if owner.sandbox_id == sandbox_id:
-                path.unlink(missing_ok=True)
-        _unpublish(lambda owner: owner.sandbox_id == sandbox_id)
+        _free(lambda owner: owner.sandbox_id == sandbox_id)
 
 
 def prune() -> None:
     """Free what sandboxes that are gone without saying so still hold: addresses, ports."""
     with records.locked():
-        for path, owner, _ in records.entries(LEASES):
-            if not owner.alive():
-                path.unlink(missing_ok=True)
-        _unpublish(lambda owner: not owner.alive())
+        _free(lambda owner: not owner.alive())
+
+
+def _free(which: Callable[[records.Holder], bool]) -> None:
+    """Free the addresses and ports whose holder ``which(holder)`` picks (records locked)."""
+    for path, owner, _ in records.entries(LEASES):
+        if which(owner):
+            path.unlink(missing_ok=True)
+    _unpublish(which)
 
 
 # -- published ports ---------------------------------------------------------------------------
@@ -294,10 +296,10 @@ def published(sandbox_id: str) -> list[str]:
 
 def _unpublish(which: Callable[[records.Holder], bool]) -> None:
     """Remove the published ports whose holder ``which(holder)`` picks (with the records locked)."""
-    for path, owner, data in records.entries(PORTS):
-        if not which(owner):
-            continue
-        if _table_exists():
+    doomed = [(path, data) for path, owner, data in records.entries(PORTS) if which(owner)]
+    table = bool(doomed) and _table_exists()
+    for path, data in doomed:
+        if table:
             # Not there: a publish that crashed half-way, or the table was flushed.
             with contextlib.suppress(NetworkError, UsageError):
                 mapping = PortMapping.parse(str(data.get("mapping")))

@@ -94,17 +94,10 @@ def rewire(netns_fd: int, veth: str) -> dict[str, Any]:
     return {}
 
 
-def index_of(ipr: Any, name: str) -> int:
-    found = ipr.link_lookup(ifname=name)
-    if not found:
-        raise NetworkError(f"network interface {name} not found")
-    return int(found[0])
-
-
 def redirect_both_ways(ipr: Any, veth: str, tap: str) -> None:
     """tc ingress filters: every frame arriving on one leaves by the other (Kata's tcfilter).
     Filters already there (for a tap that was replaced) are replaced."""
-    ends = (index_of(ipr, veth), index_of(ipr, tap))
+    ends = (host.index_of(ipr, veth), host.index_of(ipr, tap))
     for index in ends:
         ipr.link("set", index=index, state="up")
         with contextlib.suppress(NetlinkError):  # none yet
