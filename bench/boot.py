@@ -34,7 +34,8 @@ from hako.image.store import ImageStore
 
 IMAGE = "hako.local/busybox:latest"
 PHASES = (
-    ("host_startup", "hako start-up (to QEMU launch)"),
+    ("host_startup", "hako start-up (to the sandbox daemon)"),
+    ("daemon_launch", "sandbox daemon start-up (to QEMU launch)"),
     ("qemu_start", "QEMU start"),
     ("guest_kernel", "guest kernel"),
     ("guest_userspace", "guest userspace (to agent ready)"),

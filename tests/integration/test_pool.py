@@ -71,6 +71,18 @@ def test_run_takes_a_pooled_sandbox_and_the_pool_refills(pooled: Hako) -> None:
     assert not any(p.name.startswith(member) for p in hako.sandbox_dirs())  # --rm: gone
 
 
+def test_a_pooled_sandbox_has_run_a_container_before_it_is_taken(pooled: Hako) -> None:
+    """The warm-up: a throw-away container ran in it (so a taker's is not the first)."""
+    hako = pooled
+    [member] = hako("pool", "fill", "1", check=True).stdout.split()
+    [run_dir] = [p for p in hako.sandbox_dirs() if p.name.startswith(member)]
+    daemon_log = (run_dir / "daemon.log").read_text()
+    assert "warmed up in" in daemon_log and "warm-up failed" not in daemon_log, daemon_log
+    agent_log = (run_dir / "agent.log").read_text()
+    assert "container hako-warm-up: started" in agent_log and "hako-warm-up: removed" in agent_log
+    assert "hako-warm-up" not in hako("ps", "-a", check=True).stdout
+
+
 def test_a_pooled_sandbox_takes_a_block_rootfs_and_publishes_ports(pooled: Hako) -> None:
     """Its disk is attached and its port published when it is taken, long after its restore."""
     hako = pooled

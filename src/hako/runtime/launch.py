@@ -17,6 +17,7 @@ import json
 import os
 import select
 import signal
+import time
 import traceback
 from collections.abc import Mapping
 from typing import Any
@@ -80,6 +81,7 @@ def fork_sandbox(
         os.close(write_fd)
         return pid, Notifications(read_fd)
     code = 125
+    forked = time.monotonic()
     try:
         os.close(read_fd)
         _detach(config)
@@ -102,7 +104,9 @@ def fork_sandbox(
         # Only now the heavy part (protobuf, ttRPC, the runtime), while the guest boots.
         from hako.runtime.sandboxd import SandboxDaemon
 
-        code = SandboxDaemon(state, config, vm, pooled=pooled, network=sandbox_network).run(write_fd)
+        daemon = SandboxDaemon(state, config, vm, pooled=pooled, network=sandbox_network)
+        daemon.sandbox.timing["daemon_launch"] = (vm.launched_at or forked) - forked
+        code = daemon.run(write_fd)
     except BaseException as exc:
         with contextlib.suppress(Exception):
             traceback.print_exc()

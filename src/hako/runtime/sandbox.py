@@ -35,6 +35,7 @@ from hako.runtime.config import GUEST_CONTAINERS, GUEST_SHARED, SandboxConfig
 from hako_api import agent_pb2 as pb
 from hako_ttrpc import codes
 
+WARM_UP_CONTAINER = "hako-warm-up"
 SHARE_OPTIONS = ("trans=virtio", "version=9p2000.L", "msize=524288", "cache=mmap")
 KILLED_STATUS = 137  # what a container reports when its VM died under it (128 + SIGKILL)
 
@@ -141,6 +142,36 @@ class Sandbox:
         self.timing["sandbox_setup"] = time.monotonic() - answered
         if self.config.watchdog_interval > 0:
             threading.Thread(target=self._watchdog, daemon=True, name="vm-watchdog").start()
+
+    def warm_up(self) -> None:
+        """Run a throw-away container in the guest: busybox ``true`` from the guest's own /bin.
+
+        Under emulation (TCG) QEMU translates guest code the first time it runs, per QEMU
+        process; a restored clone has translated none of what creating, starting and reaping
+        a container runs in the guest. A VM waiting in the warm pool does it here, before it
+        is paused, rather than the ``hako run`` that takes it. (Under KVM it only warms the
+        guest's caches.)
+        """
+        from hako.oci.spec import RunOptions, build_spec
+
+        agent = self._need_agent()
+        root = f"{GUEST_CONTAINERS}/{WARM_UP_CONTAINER}/rootfs"
+        spec = build_spec(WARM_UP_CONTAINER, RunOptions(args=["/bin/true"]))
+        spec["root"] = {"path": root}
+        spec["mounts"].append(
+            {"destination": "/bin", "type": "bind", "source": "/bin", "options": ["rbind", "ro"]}
+        )
+        storage = pb.Storage(driver="tmpfs", source="tmpfs", fstype="tmpfs", mount_point=root)
+        started = time.monotonic()
+        agent.create_container(WARM_UP_CONTAINER, spec, stdin=False, storages=[storage])
+        try:
+            agent.start_container(WARM_UP_CONTAINER)
+            status = agent.wait_process(WARM_UP_CONTAINER)
+        finally:
+            agent.remove_container(WARM_UP_CONTAINER)
+        if status != 0:
+            raise SandboxError(f"the warm-up container exited {status}")
+        self.timing["warm_up"] = time.monotonic() - started
 
     def renew_identity(self) -> None:
         """A sandbox that waited paused (the warm pool) takes the host's clock and fresh entropy."""

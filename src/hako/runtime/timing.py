@@ -1,6 +1,8 @@
 """The seed's boot-time breakdown, per sandbox.
 
     host_startup     the hako command starting until it forks the daemon that launches QEMU
+    daemon_launch    the daemon starting until it launches QEMU (the sandbox's network
+                     namespace, a clone's private files)
     qemu_start       launch of QEMU until the guest kernel's clock starts
     guest_kernel     guest kernel boot, until it runs /init
     guest_userspace  /init (our agent on the guest's Python) until it answers the host
@@ -21,7 +23,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 ORDER = (
-    ("host_startup", "hako start-up (to QEMU launch)"),
+    ("host_startup", "hako start-up (to the sandbox daemon)"),
+    ("daemon_launch", "sandbox daemon start-up (to QEMU launch)"),
     ("qemu_start", "QEMU start"),
     ("guest_kernel", "guest kernel"),
     ("guest_userspace", "guest userspace (to agent ready)"),
