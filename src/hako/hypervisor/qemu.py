@@ -30,15 +30,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hako.errors import HakoError, HypervisorError, QemuNotFound
+from hako.errors import HakoError, HypervisorError
 from hako.hypervisor import qemu_args as qa
 from hako.hypervisor.base import Hypervisor, VMConfig, disk_serial
+from hako.hypervisor.binary import find_qemu
 from hako.network import netns
 
 if TYPE_CHECKING:
     from hako.hypervisor.qmp import QmpBridge
 
-QEMU_BINARY = "qemu-system-x86_64"
 AGENT_PORT = "hako.agent"
 LOG_PORT = "hako.log"
 SHARE_TAG = "hako"
@@ -52,17 +52,6 @@ BOOT_MAC = "02:00:00:00:00:01"
 # What an empty disk slot reads as. The guest keeps the capacity it saw at boot (a template's
 # clones never boot), so the empty slot is larger than any disk it will be given.
 EMPTY_DISK_BYTES = 1 << 40
-
-
-def find_qemu() -> str:
-    """The QEMU binary: $HAKO_QEMU if set, else qemu-system-x86_64 on PATH."""
-    override = os.environ.get("HAKO_QEMU")
-    path = shutil.which(override) if override else shutil.which(QEMU_BINARY)
-    if not path:
-        raise QemuNotFound(
-            f"{override or QEMU_BINARY} not found: install QEMU with `apt-get install qemu-system-x86`"
-        )
-    return path
 
 
 def _die_with_parent() -> list[str]:

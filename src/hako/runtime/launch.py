@@ -23,8 +23,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from hako.errors import HakoError
-from hako.hypervisor.qemu import QemuVM
-from hako.network.sandbox import SandboxNetwork
 from hako.runtime import mounts
 from hako.runtime.config import SandboxConfig
 from hako.runtime.state import SandboxState
@@ -91,6 +89,10 @@ def fork_sandbox(
             from hako.runtime.templates import prepare_clone
 
             prepare_clone(config)
+        # Imported in the daemon: a `hako run` that takes a pooled VM never needs them.
+        from hako.hypervisor.qemu import QemuVM
+        from hako.network.sandbox import SandboxNetwork
+
         sandbox_network = SandboxNetwork.create(state.id, network)
         try:
             config = dataclasses.replace(config, netns_fd=sandbox_network.netns_fd)

@@ -276,7 +276,7 @@ def for_sandbox(
         raise TemplateError(f"template mode {mode!r}: use one of {', '.join(MODES)}")
     if mode == "off":
         return config
-    from hako.hypervisor.qemu import find_qemu
+    from hako.hypervisor.binary import find_qemu
 
     vm = config.cold().vm_config()
     qemu = find_qemu()
