@@ -379,7 +379,7 @@ class SandboxDaemon:
         notify(self.notify_fd, {"serving": True})
         self._main_loop()
         self.server.shutdown()
-        self.sandbox.stop()
+        self.sandbox.stop(discard=self._discard)
         self.state.timing = dict(self.sandbox.timing)
         self.state.save()
         with contextlib.suppress(OSError):
@@ -387,10 +387,15 @@ class SandboxDaemon:
         self.log_file.close()
         final = asdict(self.state)
         final["status"] = self.state.status.value
-        if self.state.auto_remove or not self.created.is_set():
+        if self._discard:
             shutil.rmtree(self.run_dir, ignore_errors=True)  # --rm, or nothing was ever created
         notify(self.notify_fd, {"final": final})
         return 0
+
+    @property
+    def _discard(self) -> bool:
+        """Nothing of this sandbox outlives it (--rm, or no container was ever created)."""
+        return self.state.auto_remove or not self.created.is_set()
 
     def _main_loop(self) -> None:
         idle_since = time.monotonic()
@@ -404,7 +409,7 @@ class SandboxDaemon:
                 if self.created.is_set() and not self.stop_requested.is_set():
                     self.pumps_done.wait(10)
                 if not self.sandbox.dead.is_set():
-                    self.sandbox.stop()
+                    self.sandbox.stop(discard=self._discard)
                 if give_up_at is None:
                     give_up_at = time.monotonic() + 600  # a stuck client does not keep us forever
                 if self.server.connection_count == 0 or time.monotonic() > give_up_at:

@@ -1,0 +1,110 @@
+"""How a sandbox stops: the guest shuts down first unless nothing of it is worth writing out."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hako.hypervisor import Accelerator, Hypervisor
+from hako.runtime import mounts
+from hako.runtime.config import SandboxConfig
+from hako.runtime.sandbox import Sandbox, _Container
+from tests.unit.test_templates import _sandbox
+
+
+class FakeVM(Hypervisor):
+    def __init__(self, calls: list[str]) -> None:
+        self.exited = threading.Event()
+        self.calls = calls
+
+    def start(self) -> None: ...
+    def wait_started(self, timeout: float) -> None: ...
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.calls.append("vm.stop")
+        self.exited.set()
+
+    def kill(self) -> None:
+        self.calls.append("vm.kill")
+        self.exited.set()
+
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    def attach_disk(self, slot: int, path: Path) -> None: ...
+    def detach_disk(self, slot: int) -> None: ...
+
+    @property
+    def pid(self) -> int | None:
+        return 1234
+
+    @property
+    def exit_status(self) -> int | None:
+        return 0 if self.exited.is_set() else None
+
+    def exit_reason(self) -> str:
+        return "test"
+
+    def on_exit(self, callback: Callable[[], None]) -> None: ...
+
+    def agent_channel(self) -> socket.socket:
+        raise NotImplementedError
+
+    def check(self, timeout: float) -> None: ...
+
+
+class FakeAgent:
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+    def destroy_sandbox(self, timeout: float = 5.0) -> None:
+        self.calls.append("agent.destroy_sandbox")
+
+    def close(self) -> None:
+        self.calls.append("agent.close")
+
+
+@pytest.fixture
+def calls() -> list[str]:
+    return []
+
+
+@pytest.fixture
+def box(tmp_path: Path, calls: list[str]) -> Sandbox:
+    files = {}
+    for name in ("vmlinux", "initramfs.cpio", "qemu"):
+        files[name] = tmp_path / name
+        files[name].write_bytes(name.encode())
+    config: SandboxConfig = _sandbox(tmp_path, files, accel=Accelerator("tcg", "test"))
+    sandbox = Sandbox(config, FakeVM(calls))
+    agent: Any = FakeAgent(calls)
+    sandbox.agent = agent
+    return sandbox
+
+
+def test_a_kept_sandbox_shuts_its_guest_down_first(box: Sandbox, calls: list[str]) -> None:
+    box._containers["c"] = _Container("c", [])
+    box.stop()
+    assert calls[:2] == ["agent.destroy_sandbox", "vm.stop"]
+
+
+def test_a_discarded_sandbox_without_volumes_is_killed(box: Sandbox, calls: list[str]) -> None:
+    box._containers["c"] = _Container("c", [], disk_slot=0)
+    box.stop(discard=True)
+    assert "agent.destroy_sandbox" not in calls
+    assert calls[0] == "vm.kill"
+    assert "teardown" in box.timing
+
+
+def test_a_discarded_sandbox_with_a_volume_lets_the_guest_write_it_out(
+    box: Sandbox, calls: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mounts, "umount", lambda target: None)
+    box._containers["c"] = _Container("c", [box.shared_dir / "c" / "volumes" / "0"], volumes=1)
+    box.stop(discard=True)
+    assert calls[:2] == ["agent.destroy_sandbox", "vm.stop"]
+    assert "vm.kill" not in calls
