@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import time
@@ -227,6 +228,22 @@ def test_a_qemu_that_fails_at_start_is_named(hako: Hako, tmp_path: Path) -> None
     hako.env["HAKO_QEMU"] = str(broken)
     result = hako("run", "--rm", "--template", "off", BUSYBOX, "true")
     _one_line_error(result, 125, "the VM died while booting", "cannot do this here")
+    assert hako.sandbox_dirs() == []
+
+
+def test_a_qemu_that_fails_on_its_devices_is_named(hako: Hako, tmp_path: Path) -> None:
+    """QEMU itself starts, then refuses a device: the CLI may reach the daemon before or after
+    the daemon sees its VM die; either way the user is told why, once."""
+    real = shutil.which("qemu-system-x86_64")
+    assert real is not None
+    broken = tmp_path / "qemu-system-x86_64"
+    broken.write_text(f'#!/bin/sh\nexec {real} "$@" -device virtio-serial-device,max_ports=0,bogus=1\n')
+    broken.chmod(0o755)
+    hako.env["HAKO_QEMU"] = str(broken)
+    for _ in range(4):
+        result = hako("run", "--rm", "--template", "off", BUSYBOX, "true")
+        _one_line_error(result, 125, "the VM died while booting", "bogus")
+        assert "CreateContainer" not in result.stderr and "not reachable" not in result.stderr
     assert hako.sandbox_dirs() == []
 
 

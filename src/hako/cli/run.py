@@ -300,9 +300,9 @@ def _run(
     except HakoError as exc:
         if not created:
             final = _abort(state, daemon, notify)
-            if final and final.get("error") and final.get("status") == "dead":
+            if final and final.get("error"):
                 # The sandbox failed on its own (its VM died booting, say): its reason, not
-                # ours for not reaching it.
+                # ours for not reaching it (it may not have known yet that its VM was dead).
                 raise HakoError(str(final["error"])) from exc
         else:
             _final(notify)  # the daemon records the failure and stops the VM once we hang up
