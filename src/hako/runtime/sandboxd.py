@@ -378,6 +378,8 @@ class SandboxDaemon:
         signal.signal(signal.SIGTERM, lambda *_: self.DestroySandbox(pb.DestroySandboxRequest(), None))
         notify(self.notify_fd, {"serving": True})
         self._main_loop()
+        # Stopping already: a SIGTERM now (the CLI giving up on us) has nothing left to ask for.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         self.server.shutdown()
         self.sandbox.stop(discard=self._discard)
         self.state.timing = dict(self.sandbox.timing)
