@@ -73,11 +73,15 @@ def drop_cached_blocks(device: str) -> None:
         os.close(fd)
 
 
+def check_mount_point(target: str, field: str) -> None:
+    if not target.startswith("/") or ".." in target.split("/"):
+        raise InvalidArgument(f"{field}: must be an absolute path, not {target!r}")
+
+
 def mount_storage(storage: Storage, field: str) -> str:
     """Mount one Storage; returns its mount point."""
     target = storage.mount_point
-    if not target.startswith("/") or ".." in target.split("/"):
-        raise InvalidArgument(f"{field}.mount_point: must be an absolute path, not {target!r}")
+    check_mount_point(target, f"{field}.mount_point")
     options = parse_mount_options(storage.options)
     bind = storage.driver == "bind" or options.bind
     fstype = storage.fstype or _DRIVER_FSTYPE.get(storage.driver, "")
@@ -128,6 +132,11 @@ class Sandbox:
         self.cgroup_root = cgroup_root if cgroup_root and is_cgroup2(cgroup_root) else None
         self.containers: dict[str, Container] = {}
         self.storages: list[str] = []  # sandbox-wide mounts
+        # Sandbox-wide storages not mounted yet: each is mounted when the first container that
+        # uses it (its rootfs or a bind source is under its mount point) is created. A sandbox
+        # whose containers need none of them (a block rootfs, no volumes) never mounts them.
+        self._pending: list[tuple[Storage, str]] = []
+        self._storage_lock = threading.Lock()
         self.lock = threading.Lock()
         self._creating: set[str] = set()
 
@@ -150,7 +159,8 @@ class Sandbox:
         if interfaces or routes:
             network.configure(interfaces, routes)
         for i, storage in enumerate(storages):
-            self.storages.append(mount_storage(storage, f"storages[{i}]"))
+            check_mount_point(storage.mount_point, f"storages[{i}].mount_point")
+            self._pending.append((storage, f"sandbox storages[{i}]"))
         if dns:
             write_resolv_conf(dns)
         write_hosts(hostname or os.uname().nodename, [a.address for i in interfaces for a in i.addresses])
@@ -169,10 +179,23 @@ class Sandbox:
                 self.remove_container(container.id, 0)
             except Exception:
                 log.exception(f"destroy: removing container {container.id} failed")
-        for target in reversed(self.storages):
-            unmount(target)
-        self.storages.clear()
+        with self._storage_lock:
+            for target in reversed(self.storages):
+                unmount(target)
+            self.storages.clear()
+            self._pending.clear()
         os.sync()
+
+    def _mount_used_storages(self, spec: Spec) -> None:
+        """Mount the pending sandbox storages that ``spec`` uses."""
+        paths = [spec.root_path, *(m.source for m in spec.mounts if m.source.startswith("/"))]
+        with self._storage_lock:
+            for pending in list(self._pending):
+                storage, field = pending
+                under = storage.mount_point.rstrip("/") + "/"
+                if any(path == under[:-1] or path.startswith(under) for path in paths):
+                    self.storages.append(mount_storage(storage, field))
+                    self._pending.remove(pending)
 
     # -- containers -----------------------------------------------------------------------------
     def container(self, container_id: str) -> Container:
@@ -197,6 +220,7 @@ class Sandbox:
         try:
             spec = parse_spec(oci_spec)
             add_network_files(spec)
+            self._mount_used_storages(spec)
             for i, storage in enumerate(storages):
                 mounted.append(mount_storage(storage, f"storages[{i}]"))
             if not os.path.isdir(spec.root_path):
