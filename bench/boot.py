@@ -42,7 +42,7 @@ PHASES = (
     ("python_start", "  of which: python start"),
     ("agent_init", "  of which: agent init"),
     ("boot_total", "boot total (QEMU launch to agent ready)"),
-    ("sandbox_setup", "sandbox setup (9p share, network)"),
+    ("sandbox_setup", "sandbox setup (network, hostname, clock)"),
     ("container_create", "container create"),
     ("container_start", "container start"),
     ("container_run", "container run (start to exit)"),

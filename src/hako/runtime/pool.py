@@ -1,8 +1,9 @@
 """The warm pool: sandboxes restored from a template, set up, and paused, for `hako run` to take.
 
 A pooled sandbox is an ordinary sandbox (a daemon, its run dir, its state) whose daemon was
-told to wait: once its VM is restored and the agent has set the sandbox up (the shared
-directory mounted, its hostname and entropy given), the VM is paused and the state says
+told to wait: once its VM is restored, the agent has set the sandbox up (its network,
+hostname and entropy given) and a throw-away container has run in it (the warm-up: see
+:meth:`hako.runtime.sandbox.Sandbox.warm_up`), the VM is paused and the state says
 ``pooled``. Taking one is renaming its ``pooled`` mark (atomic: one taker wins), then the
 daemon's ``Claim``: the VM resumes, takes the host's clock and fresh entropy, and the
 sandbox becomes the new container. A paused VM uses no CPU; its memory is what a clone's is.

@@ -11,7 +11,7 @@
     boot_total       launch of QEMU until the agent answered (host clock)
     restore          instead of the boot phases, for a VM restored from a template: launch of
                      QEMU until the agent answered
-    sandbox_setup    the agent setting up the sandbox (hostname, clock, the 9p share, the NIC)
+    sandbox_setup    the agent setting up the sandbox (hostname, clock, entropy, the NIC)
     container_create, container_start, container_run (start until exit seen), teardown
 
 qemu_start is derived: host time to the agent's answer minus the guest uptime
@@ -33,7 +33,7 @@ ORDER = (
     ("boot_total", "boot total (launch to agent ready)"),
     ("restore", "restore from template (launch to agent ready)"),
     ("pool_take", "taken from the warm pool (resume, clock, entropy)"),
-    ("sandbox_setup", "sandbox setup (9p share, network)"),
+    ("sandbox_setup", "sandbox setup (network, hostname, clock)"),
     ("container_create", "container create"),
     ("container_start", "container start"),
     ("container_run", "container run (start to exit)"),
