@@ -143,6 +143,23 @@ def test_a_dead_pool_member_is_not_taken(pooled: Hako) -> None:
     assert member in hako("pool", "ls", check=True).stdout and "dead" in hako("pool", "ls").stdout
 
 
+def test_a_pool_per_vm_size(pooled: Hako) -> None:
+    """`hako run --memory` takes from the pool of its VM's size, and only from that one."""
+    hako = pooled
+    [member] = hako("pool", "fill", "1", "--memory", "64m", check=True).stdout.split()
+    assert "320 MiB" in hako("pool", "ls", check=True).stdout  # 256 MiB for the guest + 64
+    figures, _ = _timed_run(hako, BUSYBOX, "true")  # the standard size: not this pool's
+    assert "pool_take" not in figures
+    assert _ready(hako) == [member]
+    figures, out = _timed_run(hako, "--memory", "64m", BUSYBOX, "sh", "-c", "hostname; head -1 /proc/meminfo")
+    hostname, meminfo = out.split("\n", 1)
+    assert "pool_take" in figures and hostname == member
+    assert 250_000 < int(meminfo.split()[1]) <= 320 * 1024  # the guest's MemTotal, in kB
+    [refilled] = _wait_ready(hako, 1)  # refilled at its size
+    assert refilled != member and "320 MiB" in hako("pool", "ls", check=True).stdout
+    assert len(hako("pool", "drain", check=True).stdout.split()) == 1
+
+
 def test_drain_leaves_nothing(pooled: Hako) -> None:
     hako = pooled
     hako("pool", "fill", "2", check=True)

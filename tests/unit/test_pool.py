@@ -11,6 +11,8 @@ import pytest
 from hako.runtime import pool
 from hako.runtime.state import SandboxState, Status, new_id, process_start_ticks
 
+STANDARD = pool.Shape("trimmed", 256, 1)
+
 
 @pytest.fixture(autouse=True)
 def roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -21,7 +23,9 @@ def roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def _pooled(template: str = "tpl-a", *, alive: bool = True, marked: bool = True) -> SandboxState:
+def _pooled(
+    template: str = "tpl-a", *, alive: bool = True, marked: bool = True, memory_mib: int = 256
+) -> SandboxState:
     sandbox_id = new_id()
     state = SandboxState(
         id=sandbox_id,
@@ -32,7 +36,7 @@ def _pooled(template: str = "tpl-a", *, alive: bool = True, marked: bool = True)
         kernel="trimmed",
         accel="tcg",
         accel_reason="test",
-        memory_mib=256,
+        memory_mib=memory_mib,
         vcpus=1,
         status=Status.POOLED,
         template=template,
@@ -59,7 +63,7 @@ def test_members_are_alive_unclaimed_and_of_the_template() -> None:
 def test_take_is_once(roots: Path) -> None:
     only = _pooled()
     assert pool.take("tpl-a") is None  # no pool was filled here (no pool.json): nothing is read
-    pool.set_wanted("trimmed", 1)  # as `hako pool fill` does
+    pool.set_wanted(STANDARD, 1)  # as `hako pool fill` does
     taken = pool.take("tpl-a")
     assert taken is not None and taken.id == only.id
     assert (only.dir / pool.CLAIMED_MARK).exists() and not (only.dir / pool.POOLED_MARK).exists()
@@ -76,23 +80,43 @@ def test_stale_members_are_the_dead_and_those_of_removed_templates(roots: Path) 
     assert [s.id for s in pool.members()] == [ready.id]
 
 
-def test_wanted_sizes_per_kernel() -> None:
-    assert pool.wanted("trimmed") == 0
-    pool.set_wanted("trimmed", 3)
-    pool.set_wanted("debian", 1)
-    assert (pool.wanted("trimmed"), pool.wanted("debian")) == (3, 1)
-    pool.set_wanted("trimmed", 0)
-    assert pool.wanted("trimmed") == 0
+def test_wanted_sizes_per_shape() -> None:
+    bigger = pool.Shape("trimmed", 512, 2)
+    debian = pool.Shape("debian", 256, 1)
+    assert pool.wanted(STANDARD) == 0 and pool.shapes() == []
+    pool.set_wanted(STANDARD, 3)
+    pool.set_wanted(bigger, 1)
+    pool.set_wanted(debian, 2)
+    assert (pool.wanted(STANDARD), pool.wanted(bigger), pool.wanted(debian)) == (3, 1, 2)
+    pool.set_wanted(STANDARD, 0)
+    assert pool.wanted(STANDARD) == 0
+    assert set(pool.shapes()) == {bigger, debian}
+
+
+def test_shape_keys_round_trip() -> None:
+    shape = pool.Shape("trimmed", 768, 4)
+    assert shape.key == "trimmed/768M/4"
+    assert pool.Shape.parse(shape.key) == shape
+    for bad in ("trimmed", "trimmed/768/4", "/256M/1", "trimmed/256M/x"):
+        with pytest.raises(ValueError):
+            pool.Shape.parse(bad)
+
+
+def test_an_old_pool_file_is_ignored(roots: Path) -> None:
+    (roots / "run").mkdir(exist_ok=True)
+    (roots / "run" / pool.POOL_FILE).write_text('{"trimmed": 2}')  # keyed by kernel, before shapes
+    assert pool.shapes() == [] and pool.wanted(STANDARD) == 0
 
 
 def test_no_refill_unless_short(monkeypatch: pytest.MonkeyPatch) -> None:
     started: list[list[str]] = []
     monkeypatch.setattr(subprocess, "Popen", lambda argv, **kw: started.append(argv))
-    pool.refill_in_background("trimmed")  # no pool wanted
+    pool.refill_in_background(STANDARD)  # no pool wanted
     _pooled()
-    pool.set_wanted("trimmed", 1)
-    pool.refill_in_background("trimmed")  # full
+    _pooled(memory_mib=512)  # another shape's member does not count
+    pool.set_wanted(STANDARD, 1)
+    pool.refill_in_background(STANDARD)  # full
     assert started == []
-    pool.set_wanted("trimmed", 2)
-    pool.refill_in_background("trimmed")
-    assert len(started) == 1 and started[0][-4:] == ["fill", "--refill", "--kernel", "trimmed"]
+    pool.set_wanted(STANDARD, 2)
+    pool.refill_in_background(STANDARD)
+    assert len(started) == 1 and started[0][-4:] == ["fill", "--refill", "--shape", "trimmed/256M/1"]

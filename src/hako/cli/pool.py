@@ -1,7 +1,7 @@
 """``hako pool fill|ls|drain``: the warm pool of restored, paused sandboxes `hako run` takes.
 
-``fill N`` keeps N for a kernel (made now; `hako run` refills in the background after taking
-one), ``ls`` lists them, ``drain`` stops them all and keeps none.
+``fill N`` keeps N of a kernel and VM size (made now; `hako run` refills in the background
+after taking one), ``ls`` lists them, ``drain`` stops them all and keeps none.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 from hako import assets
 from hako.cli.common import accelerator, print_table, require_root
+from hako.cli.options import parse_cpus, parse_memory
 from hako.cli.run import vm_size
 from hako.errors import HakoError, TemplateError, UsageError
 from hako.hypervisor import find_qemu
@@ -32,7 +33,12 @@ def add_parsers(commands: Any) -> None:
     f = sub.add_parser("fill", help="keep N pooled sandboxes (made now)")
     f.add_argument("size", type=int, nargs="?", help="how many to keep (default: as set before, else 1)")
     f.add_argument("--kernel", choices=("trimmed", "debian"), default="trimmed", help="guest kernel")
+    f.add_argument(
+        "--memory", metavar="SIZE", help="for `hako run --memory SIZE` (a VM of that size, its own pool)"
+    )
+    f.add_argument("--cpus", metavar="N", help="for `hako run --cpus N` (likewise)")
     f.add_argument("--refill", action="store_true", help=argparse.SUPPRESS)  # hako run's top-up
+    f.add_argument("--shape", help=argparse.SUPPRESS)  # ... of the pool it took from
     f.set_defaults(func=fill)
     ls = sub.add_parser("ls", help="list pooled sandboxes")
     ls.set_defaults(func=list_pool)
@@ -44,29 +50,40 @@ def fill(args: argparse.Namespace) -> int:
     require_root("pool fill")
     if args.size is not None and args.size < 0:
         raise UsageError(f"hako pool fill {args.size}: give a size of 0 or more")
+    shape = _shape(args)
     if args.size is not None:
-        pool.set_wanted(args.kernel, args.size)
-    elif pool.wanted(args.kernel) == 0 and not args.refill:  # a top-up never revives a drained pool
-        pool.set_wanted(args.kernel, 1)
+        pool.set_wanted(shape, args.size)
+    elif pool.wanted(shape) == 0 and not args.refill:  # a top-up never revives a drained pool
+        pool.set_wanted(shape, 1)
     from hako.cli.manage import remove_sandbox
 
     with pool.locked():
         for state in pool.stale():
             remove_sandbox(state, force=True)
         while True:
-            have = [s for s in pool.members() if s.kernel == args.kernel]
-            if len(have) >= pool.wanted(args.kernel):  # drained meanwhile: wanted is 0
+            have = [s for s in pool.members() if pool.Shape.of(s) == shape]
+            if len(have) >= pool.wanted(shape):  # drained meanwhile: wanted is 0
                 break
-            state = _add_one(args.kernel)
+            state = _add_one(shape)
             print(state.short_id)
     return 0
 
 
-def _add_one(kernel_kind: str) -> SandboxState:
+def _shape(args: argparse.Namespace) -> pool.Shape:
+    if args.shape:
+        try:
+            return pool.Shape.parse(args.shape)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    memory = parse_memory(args.memory) if args.memory else None
+    cpus = parse_cpus(args.cpus) if args.cpus else None
+    return pool.Shape(args.kernel, *vm_size(memory, cpus))
+
+
+def _add_one(shape: pool.Shape) -> SandboxState:
     from hako.runtime.launch import fork_sandbox
 
     accel = accelerator("auto")
-    memory_mib, vcpus = vm_size(None, None)  # the VM `hako run` gives a container without limits
     sandbox_id = new_id()
     state = SandboxState(
         id=sandbox_id,
@@ -74,24 +91,24 @@ def _add_one(kernel_kind: str) -> SandboxState:
         image="",
         command=[],
         created=time.time(),
-        kernel=kernel_kind,
+        kernel=shape.kernel,
         accel=accel.name,
         accel_reason=accel.reason,
-        memory_mib=memory_mib,
-        vcpus=vcpus,
+        memory_mib=shape.memory_mib,
+        vcpus=shape.vcpus,
     )
     config = SandboxConfig(
         sandbox_id=sandbox_id,
         hostname=sandbox_id[:12],
-        kernel=assets.kernel(kernel_kind),
-        image=assets.guest_image(kernel_kind),
-        memory_mib=memory_mib,
-        vcpus=vcpus,
+        kernel=assets.kernel(shape.kernel),
+        image=assets.guest_image(shape.kernel),
+        memory_mib=shape.memory_mib,
+        vcpus=shape.vcpus,
         accel=accel,
         run_dir=state.dir,
     )
     find_qemu()
-    config = templates.for_sandbox(config, "auto", warn=_warn)
+    config = templates.for_sandbox(config, "auto", warn=_warn)  # made now if missing
     if config.template is None:
         raise TemplateError("the pool holds VMs restored from a template, and there is none")
     state.template = config.template.name
@@ -126,8 +143,11 @@ def list_pool(args: argparse.Namespace) -> int:
             continue
         status = "ready" if state in ready else str(state.effective_status())
         created = age(time.time() - state.created)
-        rows.append((state.short_id, state.kernel, state.template or "-", status, created))
-    print_table(("SANDBOX", "KERNEL", "TEMPLATE", "STATUS", "CREATED"), rows)
+        memory = f"{state.memory_mib} MiB"
+        rows.append(
+            (state.short_id, state.kernel, memory, state.vcpus, state.template or "-", status, created)
+        )
+    print_table(("SANDBOX", "KERNEL", "MEMORY", "VCPUS", "TEMPLATE", "STATUS", "CREATED"), rows)
     return 0
 
 
@@ -135,9 +155,8 @@ def drain(args: argparse.Namespace) -> int:
     require_root("pool drain")
     from hako.cli.manage import remove_sandbox
 
-    for kernel in ("trimmed", "debian"):
-        if pool.wanted(kernel):
-            pool.set_wanted(kernel, 0)
+    for shape in pool.shapes():
+        pool.set_wanted(shape, 0)
     with pool.locked():  # a fill in progress finishes first, and then sees it is not wanted
         for state in all_states():
             if state.status == Status.POOLED:

@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
                 return _run(args, taken, taken.daemon_pid or 0, notify, claimed=True, **limits)
             finally:
                 notify.close()
-                pool.refill_in_background(args.kernel)
+                pool.refill_in_background(pool.Shape.of(taken))
     reserve(state)
     args.startup = process_age()  # command start until the fork that starts QEMU
     pid, notify = fork_sandbox(state, config, network=args.network)

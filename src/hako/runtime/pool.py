@@ -8,8 +8,9 @@ hostname and entropy given) and a throw-away container has run in it (the warm-u
 daemon's ``Claim``: the VM resumes, takes the host's clock and fresh entropy, and the
 sandbox becomes the new container. A paused VM uses no CPU; its memory is what a clone's is.
 
-How many to keep is ``<run root>/pool.json`` (``hako pool fill N`` sets it); ``hako run``
-starts a refill in the background after it took one.
+How many to keep, per :class:`Shape` (kernel and VM size), is ``<run root>/pool.json``
+(``hako pool fill N [--memory/--cpus]`` sets it); ``hako run`` starts a refill of the shape it
+took in the background.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from hako.runtime import paths
@@ -31,29 +33,66 @@ POOLED_MARK = "pooled"  # in the run dir while the sandbox waits in the pool
 CLAIMED_MARK = "claimed"
 
 
+@dataclass(frozen=True)
+class Shape:
+    """What a pool keeps: VMs of one kernel and one size, hence restored from one template.
+    (`hako run --memory/--cpus` gives a VM of another size: it takes from that size's pool.)"""
+
+    kernel: str
+    memory_mib: int
+    vcpus: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.kernel}/{self.memory_mib}M/{self.vcpus}"
+
+    @classmethod
+    def parse(cls, key: str) -> Shape:
+        """The shape a :attr:`key` names; ValueError if it names none."""
+        kernel, memory, vcpus = key.split("/")
+        if not kernel or not memory.endswith("M"):
+            raise ValueError(f"not a pool shape: {key!r}")
+        return cls(kernel, int(memory[:-1]), int(vcpus))
+
+    @classmethod
+    def of(cls, state: SandboxState) -> Shape:
+        return cls(state.kernel, state.memory_mib, state.vcpus)
+
+
 def _file() -> Path:
     return paths.run_root() / POOL_FILE
 
 
-def wanted(kernel: str) -> int:
-    """How many pooled sandboxes to keep for ``kernel`` (0: no pool)."""
+def _sizes() -> dict[str, int]:
     try:
         sizes = json.loads(_file().read_text())
     except (OSError, ValueError):
-        return 0
-    size = sizes.get(kernel, 0) if isinstance(sizes, dict) else 0
+        return {}
+    return sizes if isinstance(sizes, dict) else {}
+
+
+def wanted(shape: Shape) -> int:
+    """How many pooled sandboxes to keep of ``shape`` (0: no pool)."""
+    size = _sizes().get(shape.key, 0)
     return size if isinstance(size, int) and size > 0 else 0
 
 
-def set_wanted(kernel: str, size: int) -> None:
-    """Keep ``size`` for ``kernel`` (not under the fill lock: a drain must not wait for a fill
+def shapes() -> list[Shape]:
+    """Every shape a pool is wanted of."""
+    found = []
+    for key in _sizes():
+        with contextlib.suppress(ValueError):
+            shape = Shape.parse(key)
+            if wanted(shape):
+                found.append(shape)
+    return found
+
+
+def set_wanted(shape: Shape, size: int) -> None:
+    """Keep ``size`` of ``shape`` (not under the fill lock: a drain must not wait for a fill
     to finish to say that no more are wanted; the fill reads it before each one it makes)."""
-    try:
-        sizes = json.loads(_file().read_text())
-    except (OSError, ValueError):
-        sizes = {}
-    sizes = sizes if isinstance(sizes, dict) else {}
-    sizes[kernel] = size
+    sizes = _sizes()
+    sizes[shape.key] = size
     _file().parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = _file().with_name(f".{POOL_FILE}.{os.getpid()}")
     tmp.write_text(json.dumps(sizes))
@@ -114,13 +153,13 @@ def take(template: str) -> SandboxState | None:
     return None
 
 
-def refill_in_background(kernel: str) -> None:
-    """Start ``hako pool fill`` for ``kernel``, detached, if a pool is wanted and is short."""
-    if wanted(kernel) <= len([s for s in members() if s.kernel == kernel]):
+def refill_in_background(shape: Shape) -> None:
+    """Start ``hako pool fill`` for ``shape``, detached, if a pool of it is wanted and is short."""
+    if wanted(shape) <= len([s for s in members() if Shape.of(s) == shape]):
         return
     with open(os.devnull, "r+b") as devnull:
         subprocess.Popen(
-            [sys.executable, "-m", "hako.cli.main", "pool", "fill", "--refill", "--kernel", kernel],
+            [sys.executable, "-m", "hako.cli.main", "pool", "fill", "--refill", "--shape", shape.key],
             stdin=devnull,
             stdout=devnull,
             stderr=devnull,
