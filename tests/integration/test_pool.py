@@ -77,7 +77,7 @@ def test_a_pooled_sandbox_has_run_a_container_before_it_is_taken(pooled: Hako) -
     [member] = hako("pool", "fill", "1", check=True).stdout.split()
     [run_dir] = [p for p in hako.sandbox_dirs() if p.name.startswith(member)]
     daemon_log = (run_dir / "daemon.log").read_text()
-    assert "warmed up in" in daemon_log and "warm-up failed" not in daemon_log, daemon_log
+    assert "warmed up in" in daemon_log, daemon_log
     agent_log = (run_dir / "agent.log").read_text()
     assert "container hako-warm-up: started" in agent_log and "hako-warm-up: removed" in agent_log
     assert "hako-warm-up" not in hako("ps", "-a", check=True).stdout

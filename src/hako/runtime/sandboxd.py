@@ -287,11 +287,10 @@ class SandboxDaemon:
             self.state.guest_kernel_release = self.sandbox.kernel_release
             self.state.timing = dict(self.sandbox.timing)
             if self.pooled:
-                try:
-                    self.sandbox.warm_up()
-                    self.log(f"warmed up in {self.sandbox.timing['warm_up'] * 1000:.0f} ms")
-                except HakoError as exc:  # it only costs the taker time
-                    self.log(f"warm-up failed: {exc}")
+                # A VM whose warm-up failed is in a state nobody knows (a disk still mounted in
+                # the guest, say): it fails like a boot would, and is never handed out.
+                self.sandbox.warm_up()
+                self.log(f"warmed up in {self.sandbox.timing['warm_up'] * 1000:.0f} ms")
                 self.sandbox.vm.pause()
                 self.state.status = Status.POOLED
             self.state.save()
