@@ -36,6 +36,10 @@ def test_runs_in_a_vm(ctr: Ctr, runtime: Runtime) -> None:
     if runtime.vm:  # the shim's VMs are restored from a template, which it made on first use
         templates = ctr.containerd.paths.hako_run / "templates"
         assert [p for p in templates.iterdir() if p.is_dir() and not p.name.startswith(".")], templates
+        # ... and the VM was launched as the shim started, then taken by the Create that followed
+        log = ctr.containerd.log_tail(400)
+        assert "launched the pod's VM as the shim started" in log, log
+        assert "is not the one the pod's first container asks for" not in log
 
 
 @pytest.mark.parametrize("code", [0, 3, 125])

@@ -31,9 +31,10 @@ from hako.errors import (
 from hako.runtime import mounts
 from hako.shim import config as shim_config
 from hako.shim import pod as pod_module
+from hako.shim.config import config_path, config_path_of
 from hako.shim.events import Publisher
 from hako.shim.pod import Pod
-from hako.shim.service import PROCESS_SPEC, SERVICE, TaskService, config_path, json_spec, metrics, status_of
+from hako.shim.service import PROCESS_SPEC, SERVICE, TaskService, json_spec, metrics, status_of
 from hako_containerd.cgroups.v2.stats import metrics_pb2 as cgroups_v2
 from hako_containerd.containerd.api.types.task import task_pb2
 from hako_containerd.containerd.pkg.runtimeoptions.v1 import api_pb2 as runtimeoptions
@@ -87,6 +88,9 @@ def test_config_path_from_runtime_options() -> None:
     assert config_path(_options("/etc/hako/pod.toml")) == "/etc/hako/pod.toml"
     assert config_path(_options("/x.toml", "types.containerd.io/runtimeoptions.v1.Options")) == "/x.toml"
     assert config_path(_options("")) is None
+    # as `shim start` reads them on stdin: the same Any, serialized
+    assert config_path_of(_options("/etc/hako/pod.toml").SerializeToString()) == "/etc/hako/pod.toml"
+    assert config_path_of(b"") is None
     with pytest.raises(ConfigError, match=r"runtime options of type runtimeoptions\.v1\.Options, not .*runc"):
         config_path(AnyPb(type_url="containerd.runc.v1.Options", value=b""))
 

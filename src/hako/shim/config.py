@@ -24,9 +24,12 @@ import os
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hako.errors import ConfigError
+
+if TYPE_CHECKING:
+    from google.protobuf.any_pb2 import Any as AnyPb
 
 DEFAULT_PATH = Path("/etc/hako/hako.toml")
 RUNTIME_OPTIONS = "runtimeoptions.v1.Options"
@@ -100,3 +103,21 @@ def load(config_path: str | None = None) -> ShimConfig:
     except OSError as exc:
         raise ConfigError(f"cannot read the hako config {path}: {exc.strerror}") from exc
     return parse(text, str(path))
+
+
+def config_path(options: AnyPb) -> str | None:
+    """The ConfigPath of containerd's runtime options (``runtimeoptions.v1.Options``), if any."""
+    from hako_containerd.containerd.pkg.runtimeoptions.v1 import api_pb2 as runtimeoptions
+
+    if not options.type_url:
+        return None
+    if options.type_url.rsplit("/", 1)[-1] != RUNTIME_OPTIONS:
+        raise ConfigError(f"hako takes runtime options of type {RUNTIME_OPTIONS}, not {options.type_url}")
+    return runtimeoptions.Options.FromString(options.value).config_path or None
+
+
+def config_path_of(data: bytes) -> str | None:
+    """:func:`config_path` of the runtime options as ``shim start`` reads them on stdin (an Any)."""
+    from google.protobuf.any_pb2 import Any as AnyPb
+
+    return config_path(AnyPb.FromString(data)) if data else None

@@ -93,8 +93,9 @@ def start(args: argparse.Namespace) -> int:
     shim = Shim.of(args, bundle)
     shim.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     SOCKETS.mkdir(parents=True, exist_ok=True, mode=0o700)
+    options = b""
     with contextlib.suppress(OSError):
-        sys.stdin.buffer.read()  # runtime options; the shim reads them from Create
+        options = sys.stdin.buffer.read()  # the runtime options, as Create will send them again
     with open(shim.dir / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not shim.alive():
@@ -104,7 +105,7 @@ def start(args: argparse.Namespace) -> int:
             pid = os.fork()
             if pid == 0:
                 lock.close()  # the lock is the open file's: a child holding it would hold it forever
-                _serve_forked(args, shim, bundle, listener)
+                _serve_forked(args, shim, bundle, listener, options)
             listener.close()
             shim.record(shim_pid=pid, group=shim.group, namespace=args.namespace)
     address = f"unix://{shim.socket}"
@@ -116,7 +117,9 @@ def start(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_forked(args: argparse.Namespace, shim: Shim, bundle: Path, listener: socket.socket) -> NoReturn:
+def _serve_forked(
+    args: argparse.Namespace, shim: Shim, bundle: Path, listener: socket.socket, options: bytes
+) -> NoReturn:
     code = 0
     try:
         os.setsid()
@@ -127,9 +130,19 @@ def _serve_forked(args: argparse.Namespace, shim: Shim, bundle: Path, listener: 
         os.close(devnull)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        from hako.runtime import mounts
+
+        # The shim's own mount namespace (it mounts the containers' rootfs there, for QEMU's
+        # 9p to share): entered while single-threaded, before QEMU is started in it.
+        mounts.private_namespace()
+        from hako.shim.early import launch
+
+        early = launch(shim.pod_id, shim.dir, bundle, options)  # the guest boots meanwhile
+        if early is not None:
+            shim.record(qemu_pid=early.vm.pid)  # for `delete`, should this process die unseen
         from hako.shim.serve import serve
 
-        serve(args, shim, bundle, listener)
+        serve(args, shim, bundle, listener, early)
     except BaseException:
         code = 1
         with contextlib.suppress(Exception), open(shim.dir / "shim.log", "a") as log:

@@ -29,14 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hako import assets
 from hako.errors import ConfigError, ContainerError, ContainerExists, ContainerNotFound, HakoError
-from hako.hypervisor import choose
 from hako.network.sandbox import SandboxNetwork
-from hako.runtime import mounts, templates
-from hako.runtime.config import SandboxConfig
+from hako.runtime import mounts
 from hako.runtime.sandbox import Sandbox
 from hako.shim import config as shim_config
+from hako.shim.early import EarlyVM, network_namespace, vm_config
 from hako.shim.events import Publisher
 from hako.shim.stdio import Log, ProcessIO, check_uri
 from hako_api import agent_pb2
@@ -107,14 +105,6 @@ def guest_spec(spec: dict[str, Any], container_id: str, rootfs: Path) -> dict[st
     return guest
 
 
-def network_namespace(spec: dict[str, Any]) -> str:
-    """The path of the network namespace ``spec`` joins ("" if it makes a new one or has none)."""
-    for namespace in spec.get("linux", {}).get("namespaces", []):
-        if namespace.get("type") == "network":
-            return str(namespace.get("path") or "")
-    return ""
-
-
 class Pod:
     def __init__(
         self,
@@ -123,7 +113,10 @@ class Pod:
         events: Publisher,
         log: Log,
         on_vm: Callable[[int | None], None] = lambda pid: None,
+        early: EarlyVM | None = None,
     ) -> None:
+        """``early``: the pod's VM, launched as the shim started (:mod:`hako.shim.early`); the
+        first container takes it if it wants that VM."""
         self.pod_id = pod_id
         self.state_dir = state_dir
         self.events = events
@@ -133,6 +126,7 @@ class Pod:
         self.containers: dict[str, Container] = {}
         self._lock = threading.RLock()
         self._exits = threading.Lock()  # a process seen stopped has had its exit announced
+        self._early = early
 
     # -- the VM --------------------------------------------------------------------------------
     def _sandbox_for(self, config_path: str | None, hostname: str, netns_path: str = "") -> Sandbox:
@@ -144,26 +138,26 @@ class Pod:
                 raise ContainerError(f"the pod's VM is dead: {self.sandbox.death_reason}")
             return self.sandbox
         cfg = shim_config.load(config_path)
-        accel = choose(cfg.accel)
-        config = SandboxConfig(
-            sandbox_id=self.pod_id,
-            hostname=hostname or self.pod_id[:12],
-            kernel=assets.kernel(cfg.kernel),
-            image=assets.guest_image(cfg.kernel, format=cfg.image),
-            memory_mib=cfg.memory_mib,
-            vcpus=cfg.vcpus,
-            accel=accel,
-            run_dir=self.state_dir / "vm",
-            debug=cfg.debug,
-            boot_timeout=cfg.boot_timeout,
-        )
-        config = templates.for_sandbox(config, cfg.template, warn=self.log, announce=self.log)
-        network = SandboxNetwork.join(self.pod_id, netns_path) if netns_path else None
-        if network is not None:
-            config = dataclasses.replace(config, netns_fd=network.netns_fd)
-        sandbox = Sandbox(config, warn=self.log, network=network)
+        early, self._early = self._early, None
+        if early is not None:
+            for note in early.notes:
+                self.log(note)
+            if not early.fits(config_path, hostname, netns_path):
+                self.log("the VM launched early is not the one the pod's first container asks for")
+                early.discard()
+                early = None
+        if early is not None:
+            config, network = early.config, early.network
+            sandbox = Sandbox(config, early.vm, warn=self.log, network=network)
+        else:
+            config = vm_config(self.pod_id, self.state_dir, cfg, hostname, self.log)
+            network = SandboxNetwork.join(self.pod_id, netns_path) if netns_path else None
+            if network is not None:
+                config = dataclasses.replace(config, netns_fd=network.netns_fd)
+            sandbox = Sandbox(config, warn=self.log, network=network)
         how = f"restoring it from template {config.template.name}" if config.template else "booting it"
-        self.log(f"the pod's VM: {how} ({cfg.kernel} kernel, {accel.reason}; config: {cfg.source})")
+        reason = config.accel.reason
+        self.log(f"the pod's VM: {how} ({cfg.kernel} kernel, {reason}; config: {cfg.source})")
         try:
             sandbox.start()
             sandbox.wait_ready()
@@ -412,6 +406,9 @@ class Pod:
         with self._lock:
             containers, self.containers = list(self.containers.values()), {}
             self._stop_sandbox()
+            early, self._early = self._early, None
+            if early is not None:  # launched, but no container ever came for it
+                early.discard()
         for container in containers:
             unmount_rootfs(container.rootfs, container.mounted_rootfs)
 

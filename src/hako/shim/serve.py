@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from hako.runtime import mounts
+from hako.shim.early import EarlyVM
 from hako.shim.events import Publisher
 from hako.shim.main import Shim
 from hako.shim.pod import Pod
@@ -43,12 +43,15 @@ class ShimLog:
                     os.write(self._fifo, line.encode())
 
 
-def serve(args: argparse.Namespace, shim: Shim, bundle: Path, listener: socket.socket) -> None:
+def serve(
+    args: argparse.Namespace, shim: Shim, bundle: Path, listener: socket.socket, early: EarlyVM | None
+) -> None:
+    """Serve containerd's Task API for the pod (in the shim's own mount namespace, entered by
+    the caller), with ``early`` the pod's VM if it was launched already."""
     log = ShimLog(shim.dir / "shim.log", bundle / "log", args.debug)
-    mounts.private_namespace()
     address = os.environ.get("TTRPC_ADDRESS") or f"{args.address}.ttrpc"
     events = Publisher(address, args.namespace, log)
-    pod = Pod(shim.pod_id, shim.dir, events, log, on_vm=lambda pid: shim.record(qemu_pid=pid))
+    pod = Pod(shim.pod_id, shim.dir, events, log, on_vm=lambda pid: shim.record(qemu_pid=pid), early=early)
     server = Server(log=log)
     stopping = threading.Event()
 

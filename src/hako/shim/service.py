@@ -27,17 +27,16 @@ from hako.errors import (
     HakoError,
     UsageError,
 )
+from hako.shim.config import config_path
 from hako.shim.events import pack
 from hako.shim.pod import Pod, Process
 from hako.shim.stdio import Log
 from hako_containerd.cgroups.v2.stats import metrics_pb2 as cgroups_v2
 from hako_containerd.containerd.api.types.task import task_pb2
-from hako_containerd.containerd.pkg.runtimeoptions.v1 import api_pb2 as runtimeoptions
 from hako_containerd.containerd.runtime.v2.task import shim_pb2 as pb
 from hako_ttrpc import CallContext, TtrpcError, codes
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Task"]
-RUNTIME_OPTIONS = runtimeoptions.Options.DESCRIPTOR.full_name
 PROCESS_SPEC = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 
 R = TypeVar("R")
@@ -55,15 +54,6 @@ def status_of(exc: HakoError) -> TtrpcError:
     if isinstance(exc, AgentError):
         return TtrpcError(exc.code, str(exc))
     return TtrpcError(codes.UNKNOWN, str(exc))
-
-
-def config_path(options: AnyPb) -> str | None:
-    """The ConfigPath of containerd's runtime options (``runtimeoptions.v1.Options``), if any."""
-    if not options.type_url:
-        return None
-    if options.type_url.rsplit("/", 1)[-1] != RUNTIME_OPTIONS:
-        raise ConfigError(f"hako takes runtime options of type {RUNTIME_OPTIONS}, not {options.type_url}")
-    return runtimeoptions.Options.FromString(options.value).config_path or None
 
 
 def json_spec(value: AnyPb, what: str) -> Any:

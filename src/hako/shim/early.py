@@ -1,0 +1,102 @@
+"""The pod's VM, launched the moment the shim starts: before containerd's Create arrives.
+
+containerd starts a shim (``containerd-shim-hako-v2 start``) for a pod's first container and
+hands it, on stdin, the same runtime options it later sends with Create; the bundle's
+config.json is already written. That is all the VM needs: the shim's TOML config, the
+hostname and the pod's network namespace. So the forked shim launches QEMU first (a restore
+from the template, when there is one) and only then imports the rest of itself (the Task
+API, containerd's types), while the guest comes up. Create then adopts this VM if it asks
+for the same one (:meth:`EarlyVM.fits`), and otherwise it is stopped and Create starts its
+own, as it would have anyway. Nothing here is fatal: a launch that fails leaves Create to
+do it and report why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hako import assets
+from hako.hypervisor import choose
+from hako.hypervisor.qemu import QemuVM
+from hako.network.sandbox import SandboxNetwork
+from hako.runtime import templates
+from hako.runtime.config import SandboxConfig
+from hako.shim import config as shim_config
+
+
+@dataclasses.dataclass
+class EarlyVM:
+    config_path: str | None
+    hostname: str
+    netns_path: str
+    config: SandboxConfig
+    vm: QemuVM
+    network: SandboxNetwork | None
+    notes: list[str]  # for the shim's log, which does not exist yet when this is made
+
+    def fits(self, config_path: str | None, hostname: str, netns_path: str) -> bool:
+        return (self.config_path, self.hostname, self.netns_path) == (config_path, hostname, netns_path)
+
+    def discard(self) -> None:
+        self.vm.kill()
+        self.vm.stop()
+        if self.network is not None:
+            self.network.close()
+
+
+def network_namespace(spec: dict[str, Any]) -> str:
+    """The path of the network namespace ``spec`` joins ("" if it makes a new one or has none)."""
+    for namespace in spec.get("linux", {}).get("namespaces", []):
+        if namespace.get("type") == "network":
+            return str(namespace.get("path") or "")
+    return ""
+
+
+def vm_config(
+    pod_id: str, state_dir: Path, cfg: shim_config.ShimConfig, hostname: str, log: Callable[[str], None]
+) -> SandboxConfig:
+    """The pod's VM as ``cfg`` describes it, restored from its template if there is one."""
+    config = SandboxConfig(
+        sandbox_id=pod_id,
+        hostname=hostname or pod_id[:12],
+        kernel=assets.kernel(cfg.kernel),
+        image=assets.guest_image(cfg.kernel, format=cfg.image),
+        memory_mib=cfg.memory_mib,
+        vcpus=cfg.vcpus,
+        accel=choose(cfg.accel),
+        run_dir=state_dir / "vm",
+        debug=cfg.debug,
+        boot_timeout=cfg.boot_timeout,
+    )
+    return templates.for_sandbox(config, cfg.template, warn=log, announce=log)
+
+
+def launch(pod_id: str, state_dir: Path, bundle: Path, options: bytes) -> EarlyVM | None:
+    """Launch the VM for the pod whose first container's bundle is ``bundle``; None if that
+    cannot be done here (Create will try, and say why)."""
+    notes: list[str] = []
+    network: SandboxNetwork | None = None
+    try:
+        spec = json.loads((bundle / "config.json").read_text())
+        path = shim_config.config_path_of(options)
+        hostname = str(spec.get("hostname", ""))
+        netns_path = network_namespace(spec)
+        config = vm_config(pod_id, state_dir, shim_config.load(path), hostname, notes.append)
+        if netns_path:
+            network = SandboxNetwork.join(pod_id, netns_path)
+            config = dataclasses.replace(config, netns_fd=network.netns_fd)
+        config.shared_dir.mkdir(parents=True, exist_ok=True)
+        if config.template is not None:
+            templates.prepare_clone(config)
+        vm = QemuVM(config.vm_config())
+        vm.start()
+    except Exception:
+        if network is not None:
+            network.close()
+        return None
+    notes.append(f"launched the pod's VM as the shim started (QEMU pid {vm.pid})")
+    return EarlyVM(path, hostname, netns_path, config, vm, network, notes)
