@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 from collections.abc import Callable
@@ -108,3 +109,41 @@ def test_a_discarded_sandbox_with_a_volume_lets_the_guest_write_it_out(
     box.stop(discard=True)
     assert calls[:2] == ["agent.destroy_sandbox", "vm.stop"]
     assert "vm.kill" not in calls
+
+
+def test_sigterm_while_the_main_loop_holds_its_wake_lock_does_not_deadlock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM's handler runs on the main thread, perhaps inside ``wake.wait()`` with the
+    Event's lock held: the stop it asks for must not need that lock on that thread."""
+    from hako.runtime.sandboxd import SandboxDaemon
+    from hako.runtime.state import SandboxState
+
+    monkeypatch.setenv("HAKO_RUN", str(tmp_path / "run"))
+    state = SandboxState(
+        id="e" * 64,
+        name="sigterm",
+        image="",
+        command=[],
+        created=0.0,
+        kernel="trimmed",
+        accel="tcg",
+        accel_reason="test",
+        memory_mib=256,
+        vcpus=1,
+    )
+    state.dir.mkdir(parents=True)
+    files = {}
+    for name in ("vmlinux", "initramfs.cpio", "qemu"):
+        files[name] = tmp_path / name
+        files[name].write_bytes(name.encode())
+    config = _sandbox(tmp_path, files, run_dir=state.dir)
+    daemon = SandboxDaemon(state, config, FakeVM([]))
+    try:
+        held: threading.Condition = vars(daemon.wake)["_cond"]
+        with held:  # as inside Event.wait() or .clear() in the main loop
+            daemon._on_sigterm(signal.SIGTERM, None)  # must return: the stop waits for the lock
+        assert daemon.exited.wait(5) and daemon.stop_requested.is_set()
+        assert daemon.wake.wait(5)
+    finally:
+        daemon.log_file.close()

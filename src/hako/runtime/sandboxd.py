@@ -275,6 +275,15 @@ class SandboxDaemon:
         self.log(f"claimed as {request.name} in {took * 1000:.0f} ms")
         return daemon_pb.ClaimResponse(took=took)
 
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        # A handler runs on the main thread between two of its bytecodes, which may be inside a
+        # lock that thread holds (an Event's, in its main loop): stopping takes such locks, so
+        # it is done on a thread of its own.
+        stop = threading.Thread(
+            target=self.DestroySandbox, args=(pb.DestroySandboxRequest(), None), daemon=True, name="sigterm"
+        )
+        stop.start()
+
     def _check_main(self, container_id: str) -> None:
         if container_id != self.container_id:
             raise TtrpcError(codes.NOT_FOUND, f"no container {container_id} here")
@@ -374,7 +383,7 @@ class SandboxDaemon:
         self.sandbox.vm.on_exit(self.wake.set)
         threading.Thread(target=self._boot, daemon=True, name="boot").start()
         threading.Thread(target=self.server.serve_listener, args=(listener,), daemon=True).start()
-        signal.signal(signal.SIGTERM, lambda *_: self.DestroySandbox(pb.DestroySandboxRequest(), None))
+        signal.signal(signal.SIGTERM, self._on_sigterm)
         notify(self.notify_fd, {"serving": True})
         self._main_loop()
         # Stopping already: a SIGTERM now (the CLI giving up on us) has nothing left to ask for.
