@@ -192,8 +192,8 @@ class Sandbox:
         with self._storage_lock:
             for pending in list(self._pending):
                 storage, field = pending
-                under = storage.mount_point.rstrip("/") + "/"
-                if any(path == under[:-1] or path.startswith(under) for path in paths):
+                point = storage.mount_point.rstrip("/")
+                if any(path == point or path.startswith(point + "/") for path in paths):
                     self.storages.append(mount_storage(storage, field))
                     self._pending.remove(pending)
 

@@ -75,11 +75,7 @@ def calls() -> list[str]:
 
 
 @pytest.fixture
-def box(tmp_path: Path, calls: list[str]) -> Sandbox:
-    files = {}
-    for name in ("vmlinux", "initramfs.cpio", "qemu"):
-        files[name] = tmp_path / name
-        files[name].write_bytes(name.encode())
+def box(tmp_path: Path, files: dict[str, Path], calls: list[str]) -> Sandbox:
     config: SandboxConfig = _sandbox(tmp_path, files, accel=Accelerator("tcg", "test"))
     sandbox = Sandbox(config, FakeVM(calls))
     agent: Any = FakeAgent(calls)
@@ -112,7 +108,7 @@ def test_a_discarded_sandbox_with_a_volume_lets_the_guest_write_it_out(
 
 
 def test_sigterm_while_the_main_loop_holds_its_wake_lock_does_not_deadlock(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SIGTERM's handler runs on the main thread, perhaps inside ``wake.wait()`` with the
     Event's lock held: the stop it asks for must not need that lock on that thread."""
@@ -133,10 +129,6 @@ def test_sigterm_while_the_main_loop_holds_its_wake_lock_does_not_deadlock(
         vcpus=1,
     )
     state.dir.mkdir(parents=True)
-    files = {}
-    for name in ("vmlinux", "initramfs.cpio", "qemu"):
-        files[name] = tmp_path / name
-        files[name].write_bytes(name.encode())
     config = _sandbox(tmp_path, files, run_dir=state.dir)
     daemon = SandboxDaemon(state, config, FakeVM([]))
     try:

@@ -52,12 +52,12 @@ def made(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """The config a Pod builds when it does not adopt (no assets, no QEMU needed here)."""
     configs: list[Any] = []
 
-    def fake_vm_config(*args: Any) -> Any:
+    def fake_prepare(*args: Any) -> tuple[Any, None]:
         config = SimpleNamespace(template=None, accel=SimpleNamespace(reason="test"), netns_fd=None)
         configs.append(config)
-        return config
+        return config, None
 
-    monkeypatch.setattr(pod_module, "vm_config", fake_vm_config)
+    monkeypatch.setattr(pod_module, "prepare", fake_prepare)
     monkeypatch.setattr(pod_module, "Sandbox", RecordingSandbox)
     monkeypatch.delenv("HAKO_CONFIG", raising=False)  # no config: the defaults
     monkeypatch.setattr(shim_config, "DEFAULT_PATH", Path("/nonexistent/hako.toml"))

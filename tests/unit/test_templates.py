@@ -28,15 +28,6 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-@pytest.fixture
-def files(tmp_path: Path) -> dict[str, Path]:
-    made = {}
-    for name in ("vmlinux", "initramfs.cpio", "qemu"):
-        made[name] = tmp_path / name
-        made[name].write_bytes(name.encode())
-    return made
-
-
 def _sandbox(tmp_path: Path, files: dict[str, Path], **overrides: object) -> SandboxConfig:
     kernel = Kernel("trimmed", files["vmlinux"], "6.1-test", ("console=ttyS0",), ("acpi=off",))
     image = GuestImage("trimmed", "initramfs", files["initramfs.cpio"], 14)

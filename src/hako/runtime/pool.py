@@ -80,11 +80,10 @@ def wanted(shape: Shape) -> int:
 def shapes() -> list[Shape]:
     """Every shape a pool is wanted of."""
     found = []
-    for key in _sizes():
-        with contextlib.suppress(ValueError):
-            shape = Shape.parse(key)
-            if wanted(shape):
-                found.append(shape)
+    for key, size in _sizes().items():
+        if isinstance(size, int) and size > 0:
+            with contextlib.suppress(ValueError):
+                found.append(Shape.parse(key))
     return found
 
 

@@ -56,10 +56,17 @@ def network_namespace(spec: dict[str, Any]) -> str:
     return ""
 
 
-def vm_config(
-    pod_id: str, state_dir: Path, cfg: shim_config.ShimConfig, hostname: str, log: Callable[[str], None]
-) -> SandboxConfig:
-    """The pod's VM as ``cfg`` describes it, restored from its template if there is one."""
+def prepare(
+    pod_id: str,
+    state_dir: Path,
+    cfg: shim_config.ShimConfig,
+    hostname: str,
+    netns_path: str,
+    log: Callable[[str], None],
+) -> tuple[SandboxConfig, SandboxNetwork | None]:
+    """The pod's VM as ``cfg`` describes it (restored from its template if there is one), and
+    the network namespace ``netns_path`` it runs in, joined (None without one: an empty one of
+    its own)."""
     config = SandboxConfig(
         sandbox_id=pod_id,
         hostname=hostname or pod_id[:12],
@@ -72,7 +79,11 @@ def vm_config(
         debug=cfg.debug,
         boot_timeout=cfg.boot_timeout,
     )
-    return templates.for_sandbox(config, cfg.template, warn=log, announce=log)
+    config = templates.for_sandbox(config, cfg.template, warn=log, announce=log)
+    if not netns_path:
+        return config, None
+    network = SandboxNetwork.join(pod_id, netns_path)
+    return dataclasses.replace(config, netns_fd=network.netns_fd), network
 
 
 def launch(pod_id: str, state_dir: Path, bundle: Path, options: bytes) -> EarlyVM | None:
@@ -85,10 +96,8 @@ def launch(pod_id: str, state_dir: Path, bundle: Path, options: bytes) -> EarlyV
         path = shim_config.config_path_of(options)
         hostname = str(spec.get("hostname", ""))
         netns_path = network_namespace(spec)
-        config = vm_config(pod_id, state_dir, shim_config.load(path), hostname, notes.append)
-        if netns_path:
-            network = SandboxNetwork.join(pod_id, netns_path)
-            config = dataclasses.replace(config, netns_fd=network.netns_fd)
+        cfg = shim_config.load(path)
+        config, network = prepare(pod_id, state_dir, cfg, hostname, netns_path, notes.append)
         config.shared_dir.mkdir(parents=True, exist_ok=True)
         if config.template is not None:
             templates.prepare_clone(config)

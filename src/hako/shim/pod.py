@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import enum
 import json
 import threading
@@ -30,11 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from hako.errors import ConfigError, ContainerError, ContainerExists, ContainerNotFound, HakoError
-from hako.network.sandbox import SandboxNetwork
 from hako.runtime import mounts
 from hako.runtime.sandbox import Sandbox
 from hako.shim import config as shim_config
-from hako.shim.early import EarlyVM, network_namespace, vm_config
+from hako.shim.early import EarlyVM, network_namespace, prepare
 from hako.shim.events import Publisher
 from hako.shim.stdio import Log, ProcessIO, check_uri
 from hako_api import agent_pb2
@@ -150,10 +148,7 @@ class Pod:
             config, network = early.config, early.network
             sandbox = Sandbox(config, early.vm, warn=self.log, network=network)
         else:
-            config = vm_config(self.pod_id, self.state_dir, cfg, hostname, self.log)
-            network = SandboxNetwork.join(self.pod_id, netns_path) if netns_path else None
-            if network is not None:
-                config = dataclasses.replace(config, netns_fd=network.netns_fd)
+            config, network = prepare(self.pod_id, self.state_dir, cfg, hostname, netns_path, self.log)
             sandbox = Sandbox(config, warn=self.log, network=network)
         how = f"restoring it from template {config.template.name}" if config.template else "booting it"
         reason = config.accel.reason
