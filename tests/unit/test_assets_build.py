@@ -263,3 +263,14 @@ def test_init_runs_the_agent_main_with_our_packages_first(tmp_path: Path) -> Non
     )
     assert proc.returncode == 3, proc.stderr
     assert proc.stdout.split() == [str(tmp_path), _image.PROTOBUF_IMPLEMENTATION]
+
+
+def test_tcg_kernel_args_skip_the_apic_calibration_and_the_uniprocessor_patching(tmp_path: Path) -> None:
+    from hako.assets import Kernel
+
+    k = Kernel("trimmed", tmp_path / "vmlinux", "6.1-test", ("console=ttyS0", "quiet"))
+    tcg = k.cmdline_for("tcg")
+    assert tcg[:2] == ("console=ttyS0", "quiet")
+    assert {"noapictimer", "noreplace-smp", "tsc=reliable"} <= set(tcg)
+    # KVM's CPUs have a TSC-deadline timer and patch their text fast: they keep the defaults.
+    assert k.cmdline_for("kvm") == ("console=ttyS0", "quiet")
