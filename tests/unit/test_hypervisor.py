@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import threading
 from pathlib import Path
 
 import pytest
 
-from hako.errors import AcceleratorError, UsageError
+from hako.errors import AcceleratorError, HypervisorError, UsageError
 from hako.hypervisor import Accelerator, VMConfig, choose, probe_kvm
 from hako.hypervisor import qemu_args as qa
 from hako.hypervisor.accel import KvmProbe
-from hako.hypervisor.qemu import build_argv
+from hako.hypervisor.qemu import build_argv, start_restore
 
 
 def test_auto_picks_kvm_when_usable_and_tcg_otherwise() -> None:
@@ -115,3 +118,71 @@ def test_every_vm_has_a_nic_on_its_tap_and_empty_disk_slots(tmp_path: Path) -> N
 def test_debug_reaches_the_guest(tmp_path: Path) -> None:
     argv = build_argv("qemu", _config(tmp_path, debug=True), qmp_fd=5, agent_fd=6, tap_fd=7)
     assert "hako.debug=1" in argv[argv.index("-append") + 1]
+
+
+# -- a clone's restore, over a monitor of its own ---------------------------------------------
+
+
+def _fake_monitor(
+    answers: list[dict[str, object]],
+) -> tuple[socket.socket, threading.Thread, list[dict[str, object]]]:
+    """A QEMU monitor stand-in: a greeting, then for each command read one answer (and an event
+    first, as QEMU may send one at any time)."""
+    ours, theirs = socket.socketpair()
+    received: list[dict[str, object]] = []
+
+    def serve() -> None:
+        with theirs:
+            theirs.sendall(b'{"QMP": {"version": {}, "capabilities": []}}\r\n')
+            reader = theirs.makefile("rb")
+            for answer in answers:
+                line = reader.readline()
+                if not line:
+                    return
+                received.append(json.loads(line))
+                theirs.sendall(
+                    b'{"event": "RESUME", "timestamp": {}}\r\n' + json.dumps(answer).encode() + b"\r\n"
+                )
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return ours, thread, received
+
+
+def test_a_clone_starts_loading_its_state_with_three_commands() -> None:
+    monitor, thread, received = _fake_monitor([{"return": {}}] * 3)
+    with monitor:
+        start_restore(monitor, state_fd=9, timeout=5)
+    thread.join(5)
+    assert [c["execute"] for c in received] == [
+        "qmp_capabilities",
+        "migrate-set-capabilities",
+        "migrate-incoming",
+    ]
+    assert received[1]["arguments"] == {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
+    assert received[2]["arguments"] == {"uri": "fd:9"}
+
+
+def test_a_refused_restore_names_qemus_reason() -> None:
+    error: dict[str, object] = {"error": {"class": "GenericError", "desc": "Migration is disabled"}}
+    monitor, thread, _ = _fake_monitor([{"return": {}}, {"return": {}}, error])
+    with monitor, pytest.raises(HypervisorError, match="restoring the VM failed: Migration is disabled"):
+        start_restore(monitor, state_fd=9, timeout=5)
+    thread.join(5)
+
+
+def test_a_monitor_that_closes_fails_the_restore() -> None:
+    monitor, thread, _ = _fake_monitor([{"return": {}}])  # answers one command, then goes away
+    with monitor, pytest.raises(HypervisorError, match="closed its monitor"):
+        start_restore(monitor, state_fd=9, timeout=5)
+    thread.join(5)
+
+
+def test_a_clone_has_a_restore_monitor_and_a_deferred_incoming(tmp_path: Path) -> None:
+    config = _config(tmp_path, incoming=tmp_path / "state")
+    argv = build_argv("qemu", config, qmp_fd=5, agent_fd=6, tap_fd=7, restore_fd=8)
+    assert "socket,id=restore,fd=8" in argv
+    assert "chardev=restore,mode=control" in argv
+    assert argv[argv.index("-incoming") + 1] == "defer"
+    boot = build_argv("qemu", _config(tmp_path), qmp_fd=5, agent_fd=6, tap_fd=7, restore_fd=8)
+    assert "-incoming" not in boot and "socket,id=restore,fd=8" not in boot

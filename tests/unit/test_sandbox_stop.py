@@ -139,3 +139,28 @@ def test_sigterm_while_the_main_loop_holds_its_wake_lock_does_not_deadlock(
         assert daemon.wake.wait(5)
     finally:
         daemon.log_file.close()
+
+
+class ExitedVM(FakeVM):
+    """A QEMU that is gone already when the sandbox is made: on_exit calls back at once."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.exited.set()
+
+    def on_exit(self, callback: Callable[[], None]) -> None:
+        callback()
+
+
+def test_a_clone_whose_qemu_exits_before_its_sandbox_exists_is_not_dead(
+    tmp_path: Path, files: dict[str, Path]
+) -> None:
+    """A clone's QEMU starts loading its state at launch, before the daemon has built its
+    Sandbox; a state QEMU refuses makes it exit then. That is a failed restore (wait_ready boots
+    the VM instead), not a dead sandbox."""
+    clone = Sandbox(_sandbox(tmp_path, files, template=tmp_path / "tpl"), ExitedVM())
+    clone._watch(clone.vm)
+    assert not clone.dead.is_set()
+    booted = Sandbox(_sandbox(tmp_path, files), ExitedVM())
+    booted._watch(booted.vm)
+    assert booted.dead.is_set()

@@ -19,6 +19,7 @@ exec).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -62,7 +63,16 @@ def _die_with_parent() -> list[str]:
     return [setpriv, "--pdeathsig", "KILL", "--"]
 
 
-def build_argv(binary: str, config: VMConfig, qmp_fd: int, agent_fd: int, tap_fd: int) -> list[str]:
+def build_argv(
+    binary: str,
+    config: VMConfig,
+    qmp_fd: int,
+    agent_fd: int,
+    tap_fd: int,
+    restore_fd: int | None = None,
+) -> list[str]:
+    """QEMU's command line. ``restore_fd`` is a second monitor's, for a VM restored from
+    ``config.incoming``: see :func:`start_restore`."""
     run = config.run_dir
     tcg = config.accel.name == "tcg"
     cmdline = list(config.kernel_cmdline)
@@ -130,9 +140,44 @@ def build_argv(binary: str, config: VMConfig, qmp_fd: int, agent_fd: int, tap_fd
             qa.Device("virtio-blk-device", {"drive": _slot(slot), "serial": disk_serial(slot)}),
         ]
     if config.incoming is not None:
+        if restore_fd is not None:
+            parts += [qa.Chardev("socket", "restore", {"fd": restore_fd}), qa.Monitor("restore")]
         parts.append(qa.Incoming("defer"))  # QMP sets the capabilities, then migrate-incoming
     parts.append(qa.Sandbox())
     return qa.render(binary, parts)
+
+
+def start_restore(monitor: socket.socket, state_fd: int, timeout: float) -> None:
+    """Start loading the saved state of a clone (QEMU's ``state_fd``) over a monitor of its own.
+
+    Three plain QMP commands, written before QEMU's monitor is even up (QEMU reads them in
+    order once it is), and their answers read back. The QMP client (asyncio and qemu.qmp) is
+    not used for them: importing it took 50-100 ms in a sandbox daemon busy importing the
+    agent's protobuf code at the same time, and the restore waited for it. The VM runs as soon
+    as the state is loaded; a state that does not fit the VM makes QEMU exit.
+    """
+    commands = [
+        {"execute": "qmp_capabilities"},
+        {"execute": "migrate-set-capabilities", "arguments": {"capabilities": TEMPLATE_CAPABILITIES}},
+        {"execute": "migrate-incoming", "arguments": {"uri": f"fd:{state_fd}"}},
+    ]
+    monitor.settimeout(timeout)
+    try:
+        monitor.sendall(b"".join(json.dumps(command).encode() + b"\n" for command in commands))
+        pending, answers = b"", 0
+        while answers < len(commands):
+            chunk = monitor.recv(65536)
+            if not chunk:
+                raise HypervisorError("QEMU closed its monitor while the VM was being restored")
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in filter(None, (raw.strip() for raw in lines)):
+                message = json.loads(line)
+                if "error" in message:
+                    desc = message["error"].get("desc", "unknown error")
+                    raise HypervisorError(f"restoring the VM failed: {desc}")
+                answers += "return" in message
+    except (OSError, ValueError) as exc:
+        raise HypervisorError(f"restoring the VM failed: {exc}") from exc
 
 
 def _slot(slot: int) -> str:
@@ -161,6 +206,7 @@ class QemuVM(Hypervisor):
         self._qmp: QmpBridge | None = None
         self._qmp_ready = threading.Event()
         self._qmp_error: Exception | None = None
+        self._restore_error: HypervisorError | None = None
         self._callbacks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._stopped = False
@@ -176,37 +222,50 @@ class QemuVM(Hypervisor):
         binary = find_qemu()
         run = self.config.run_dir
         run.mkdir(parents=True, exist_ok=True)
+        state_fd = self._open_state()
         own_netns = self.config.netns_fd is None
-        netns_fd = netns.create() if own_netns else self.config.netns_fd
-        assert netns_fd is not None
         try:
-            tap_fd = netns.open_tap(netns_fd)
-        except HakoError:
-            if own_netns:
-                os.close(netns_fd)
+            netns_fd = netns.create() if own_netns else self.config.netns_fd
+            assert netns_fd is not None
+            try:
+                tap_fd = netns.open_tap(netns_fd)
+            except HakoError:
+                if own_netns:
+                    os.close(netns_fd)
+                raise
+        except BaseException:
+            if state_fd is not None:
+                os.close(state_fd)
             raise
         qmp_host, qmp_vm = socket.socketpair()
         agent_host, agent_vm = socket.socketpair()
-        argv = build_argv(binary, self.config, qmp_vm.fileno(), agent_vm.fileno(), tap_fd)
+        restore_host, restore_vm = socket.socketpair() if state_fd is not None else (None, None)
+        vm_ends = [sock for sock in (qmp_vm, agent_vm, restore_vm) if sock is not None]
+        fds = (*(sock.fileno() for sock in vm_ends), tap_fd, *(() if state_fd is None else (state_fd,)))
+        restore_fd = restore_vm.fileno() if restore_vm is not None else None
+        argv = build_argv(binary, self.config, qmp_vm.fileno(), agent_vm.fileno(), tap_fd, restore_fd)
         (run / "qemu.cmdline").write_text(" ".join(argv) + "\n")
         launched = threading.Event()
         failure: list[BaseException] = []
         thread = threading.Thread(
             target=self._launch_and_watch,
-            args=(argv, (qmp_vm.fileno(), agent_vm.fileno(), tap_fd), netns_fd, launched, failure),
+            args=(argv, fds, netns_fd, launched, failure),
             daemon=True,
             name="qemu-watch",
         )
         thread.start()
         launched.wait()
-        qmp_vm.close()
-        agent_vm.close()
+        for sock in vm_ends:
+            sock.close()
         os.close(tap_fd)  # QEMU has its own: the tap goes when QEMU does
         if own_netns:
             os.close(netns_fd)
+        if state_fd is not None:
+            os.close(state_fd)
         if failure:
-            qmp_host.close()
-            agent_host.close()
+            for host_end in (qmp_host, agent_host, restore_host):
+                if host_end is not None:
+                    host_end.close()
             error = failure[0]
             if isinstance(error, HakoError):
                 raise error
@@ -214,7 +273,19 @@ class QemuVM(Hypervisor):
             raise HypervisorError(f"cannot start {binary}: {detail}") from error
         self._agent = agent_host
         self._qmp_sock = qmp_host
-        threading.Thread(target=self._connect_qmp, daemon=True, name="qmp-connect").start()
+        # QEMU's number for the state file is ours at launch (pass_fds keeps numbers).
+        restoring = (restore_host, state_fd) if restore_host is not None and state_fd is not None else None
+        threading.Thread(target=self._connect_qmp, args=(restoring,), daemon=True, name="qmp-connect").start()
+
+    def _open_state(self) -> int | None:
+        """The saved state of a clone, opened for QEMU to read at launch; None for a boot."""
+        if self.config.incoming is None:
+            return None
+        try:
+            return os.open(self.config.incoming, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            state = self.config.incoming
+            raise HypervisorError(f"cannot read the saved VM state {state}: {exc.strerror}") from exc
 
     def _launch_and_watch(
         self,
@@ -250,7 +321,17 @@ class QemuVM(Hypervisor):
         for callback in callbacks:
             callback()
 
-    def _connect_qmp(self) -> None:
+    def _connect_qmp(self, restoring: tuple[socket.socket, int] | None) -> None:
+        if restoring is not None:
+            monitor, state_fd = restoring
+            try:
+                with monitor:
+                    start_restore(monitor, state_fd, timeout=30)
+            except HypervisorError as exc:
+                self._qmp_error = self._restore_error = exc
+                self._signal(signal.SIGKILL)  # a VM that cannot restore must not linger paused
+                self._qmp_ready.set()
+                return
         # Imported here, in the background, after QEMU was launched: asyncio and qemu.qmp
         # are not on the path to a booting guest.
         from hako.hypervisor.qmp import QmpBridge
@@ -259,28 +340,14 @@ class QemuVM(Hypervisor):
         bridge = QmpBridge(self.config.name[:12], self._on_event)
         try:
             bridge.connect(self._qmp_sock, timeout=30)
-            if self.config.incoming is not None:
-                self._restore(bridge, self.config.incoming)
             self._qmp = bridge
         except Exception as exc:
             self._qmp_error = exc
             bridge.close()
             if self.config.incoming is not None:
-                self._signal(signal.SIGKILL)  # a VM that cannot restore must not linger paused
+                self._signal(signal.SIGKILL)  # nothing could manage this clone: it must not linger
         finally:
             self._qmp_ready.set()
-
-    @staticmethod
-    def _restore(bridge: QmpBridge, state: Path) -> None:
-        """Load the saved device state; the VM runs as soon as it is loaded (QEMU exits if the
-        state does not fit this VM, which the caller sees as the VM dying while it boots)."""
-        bridge.execute("migrate-set-capabilities", {"capabilities": TEMPLATE_CAPABILITIES})
-        fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            bridge.send_fd(fd, "incoming")
-        finally:
-            os.close(fd)
-        bridge.execute("migrate-incoming", {"uri": "fd:incoming"})
 
     def save_state(self, path: Path, timeout: float = SAVE_TIMEOUT) -> None:
         """Write the VM's device state to ``path`` (guest RAM stays in its file: only for a VM
@@ -313,6 +380,8 @@ class QemuVM(Hypervisor):
     def wait_started(self, timeout: float) -> None:
         if not self._qmp_ready.wait(timeout):
             raise HypervisorError(f"QEMU did not start within {timeout:g} s")
+        if self._restore_error is not None:
+            raise self._restore_error
         if self.exited.is_set() or self._qmp is None:
             raise HypervisorError(f"QEMU failed to start: {self.exit_reason()}")
 

@@ -74,7 +74,9 @@ class Sandbox:
         self.dead = threading.Event()
         self.death_reason = ""
         self._stopping = threading.Event()
-        self._restoring = False
+        # A clone is restoring from its launch (which may precede this object) until wait_ready
+        # knows: a clone's QEMU that exits meanwhile is replaced by a boot, not a dead sandbox.
+        self._restoring = config.template is not None
         self._containers: dict[str, _Container] = {}
         self._lock = threading.Lock()
 
