@@ -265,12 +265,30 @@ def test_init_runs_the_agent_main_with_our_packages_first(tmp_path: Path) -> Non
     assert proc.stdout.split() == [str(tmp_path), _image.PROTOBUF_IMPLEMENTATION]
 
 
-def test_tcg_kernel_args_skip_the_apic_calibration_and_the_uniprocessor_patching(tmp_path: Path) -> None:
+def test_tcg_kernel_args_skip_the_uniprocessor_patching_and_add_the_kernels_own(tmp_path: Path) -> None:
     from hako.assets import Kernel
 
-    k = Kernel("trimmed", tmp_path / "vmlinux", "6.1-test", ("console=ttyS0", "quiet"))
+    k = Kernel("trimmed", tmp_path / "vmlinux", "6.1-test", ("console=ttyS0", "quiet"), (), ("noapictimer",))
     tcg = k.cmdline_for("tcg")
     assert tcg[:2] == ("console=ttyS0", "quiet")
     assert {"noapictimer", "noreplace-smp", "tsc=reliable"} <= set(tcg)
     # KVM's CPUs have a TSC-deadline timer and patch their text fast: they keep the defaults.
     assert k.cmdline_for("kvm") == ("console=ttyS0", "quiet")
+
+
+def test_only_the_trimmed_kernel_gives_up_the_apic_timer_under_tcg(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Debian's kernel stalls in container creation with the PIT as its only clock event device."""
+    from hako.assets import _debian
+
+    (tmp_path / "vmlinux").touch()
+    monkeypatch.setattr(_trimmed, "SOURCE_TARBALL", tmp_path / "vmlinux")
+    monkeypatch.setattr(_trimmed, "entry", lambda: tmp_path)
+    monkeypatch.setattr(_cache, "newest_entry", lambda root, match: tmp_path)
+    monkeypatch.setattr(_cache, "read_info", lambda path: {"release": "6.1-test"})
+    trimmed, debian = _trimmed.find(), _debian.find()
+    assert trimmed is not None and debian is not None
+    assert "noapictimer" in trimmed.cmdline_for("tcg")
+    assert "noapictimer" not in debian.cmdline_for("tcg")
+    assert "noreplace-smp" in debian.cmdline_for("tcg")

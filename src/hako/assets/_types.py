@@ -22,6 +22,8 @@ class Kernel:
     # virtio_mmio.device=... args of the attached devices to the kernel command line; the debian
     # kernel finds virtio-mmio devices only through ACPI, so it keeps microvm's default.
     microvm_options: tuple[str, ...] = ()
+    # Extra args under TCG that only this kernel takes (see cmdline_for).
+    tcg_cmdline: tuple[str, ...] = ()
 
     def cmdline_for(self, accel: str) -> tuple[str, ...]:
         """:attr:`cmdline` plus the args this kernel needs under ``accel`` ("kvm" or "tcg").
@@ -32,18 +34,15 @@ class Kernel:
         clock resolution). ``tsc_early_khz`` and ``tsc=reliable`` prevent both. Under KVM the
         kernel uses kvm-clock and needs neither.
 
-        Two more save about 350 ms of a TCG boot (measured by sampling the guest's RIP over QMP):
-        TCG's CPU has no TSC-deadline timer, so the kernel calibrates the local APIC timer
-        against the PIT, which spends ~250 ms; ``noapictimer`` keeps the PIT as the clock event
-        device instead (KVM's CPUs have TSC-deadline and skip the calibration). And a one-vCPU
-        guest rewrites every ``lock`` prefix of its text for uniprocessor use; under TCG each
-        write to code it has run invalidates translated code, ~100 ms in all: ``noreplace-smp``.
+        A one-vCPU guest rewrites every ``lock`` prefix of its text for uniprocessor use; under
+        TCG each write to code it has run invalidates translated code, ~100 ms in all (measured
+        by sampling the guest's RIP over QMP): ``noreplace-smp``. Then :attr:`tcg_cmdline`.
         """
         if accel != "tcg":
             return self.cmdline
         khz = host_tsc_khz()
         tsc = (*((f"tsc_early_khz={khz}",) if khz else ()), "tsc=reliable")
-        return (*self.cmdline, *tsc, "noapictimer", "noreplace-smp")
+        return (*self.cmdline, *tsc, "noreplace-smp", *self.tcg_cmdline)
 
 
 @dataclass(frozen=True)
