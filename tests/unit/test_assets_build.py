@@ -292,3 +292,30 @@ def test_only_the_trimmed_kernel_gives_up_the_apic_timer_under_tcg(
     assert "noapictimer" in trimmed.cmdline_for("tcg")
     assert "noapictimer" not in debian.cmdline_for("tcg")
     assert "noreplace-smp" in debian.cmdline_for("tcg")
+
+
+def test_installed_versions_are_remembered_while_dpkgs_database_is_unchanged(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    status = tmp_path / "status"
+    status.write_text("one\n")
+    monkeypatch.setattr(_debs, "DPKG_STATUS", status)
+    queries: list[str] = []
+
+    def dpkg_query(argv: list[str], what: str) -> str:
+        queries.append(argv[-1])
+        return "install ok installed\t6.1.192-1"
+
+    monkeypatch.setattr(_debs, "run", dpkg_query)
+    memo = tmp_path / "cache"
+    assert _debs.installed_version("linux-source-6.1", memo_dir=memo) == "6.1.192-1"
+    assert _debs.installed_version("linux-source-6.1", memo_dir=memo) == "6.1.192-1"
+    assert queries == ["linux-source-6.1"]  # the second answer came from the memo
+    assert _debs.installed_version("linux-source-6.1") == "6.1.192-1"  # no memo_dir: asks
+    assert len(queries) == 2
+
+    replaced = tmp_path / "status.new"  # as dpkg does: a new file renamed over the old one
+    replaced.write_text("one\ntwo\n")
+    replaced.replace(status)
+    assert _debs.installed_version("linux-source-6.1", memo_dir=memo) == "6.1.192-1"
+    assert len(queries) == 3  # the database changed: asked again

@@ -5,6 +5,9 @@ Nothing here installs a package on the host; the .deb files stay in ``<cache>/de
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import re
 import shutil
 import tempfile
@@ -16,6 +19,9 @@ from hako.errors import AssetError
 
 from ._run import run
 
+DPKG_STATUS = Path("/var/lib/dpkg/status")
+INSTALLED_MEMO = ".installed-versions.json"  # in the cache root: see installed_version
+
 
 @dataclass(frozen=True)
 class Deb:
@@ -24,8 +30,19 @@ class Deb:
     path: Path
 
 
-def installed_version(package: str) -> str:
-    """The version of ``package`` installed on the host, or AssetError."""
+def installed_version(package: str, memo_dir: Path | None = None) -> str:
+    """The version of ``package`` installed on the host, or AssetError.
+
+    dpkg-query reads dpkg's whole status database, ~15 ms, and every `hako run` asks (the
+    trimmed kernel is keyed by the installed kernel source). With ``memo_dir``, answers are
+    kept there and reused while the database file is the same (its inode, size and mtime:
+    dpkg replaces it on every change).
+    """
+    stamp = _status_stamp()
+    memo_file = memo_dir / INSTALLED_MEMO if memo_dir is not None else None
+    memo = _read_memo(memo_file, stamp)
+    if package in memo:
+        return memo[package]
     out = run(
         ["dpkg-query", "-W", "-f=${Status}\t${Version}", package], what=f"looking up the installed {package}"
     )
@@ -34,7 +51,32 @@ def installed_version(package: str) -> str:
         raise AssetError(
             f"{package} is not installed on the host; install it with `apt-get install {package}`"
         )
+    if memo_file is not None and stamp is not None:
+        with contextlib.suppress(OSError):  # only a memo: a read-only cache does without
+            memo_file.parent.mkdir(parents=True, exist_ok=True)
+            temp = memo_file.with_name(f"{memo_file.name}.{os.getpid()}")
+            temp.write_text(json.dumps({"status": stamp, "versions": {**memo, package: version}}))
+            temp.replace(memo_file)
     return version
+
+
+def _status_stamp() -> list[int] | None:
+    try:
+        st = DPKG_STATUS.stat()
+    except OSError:
+        return None
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def _read_memo(memo_file: Path | None, stamp: list[int] | None) -> dict[str, str]:
+    if memo_file is None or stamp is None:
+        return {}
+    try:
+        data = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    versions = data.get("versions") if isinstance(data, dict) and data.get("status") == stamp else None
+    return {str(k): str(v) for k, v in versions.items()} if isinstance(versions, dict) else {}
 
 
 def parse_policy(text: str) -> dict[str, str]:

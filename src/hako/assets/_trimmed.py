@@ -64,7 +64,7 @@ def fragment_path() -> Path:
 
 @functools.cache
 def _source_version() -> str:
-    return _debs.installed_version(SOURCE_PACKAGE)
+    return _debs.installed_version(SOURCE_PACKAGE, memo_dir=_cache.cache_root())
 
 
 def key() -> str:
