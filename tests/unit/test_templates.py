@@ -230,3 +230,29 @@ def test_templates_of_changed_files_are_pruned(tmp_path: Path, files: dict[str, 
     os.utime(files["vmlinux"], ns=(2, 2))  # the kernel was rebuilt
     assert templates.prune_stale() == [made.key]
     assert not made.dir.exists()
+
+
+def test_a_new_template_replaces_the_ones_it_supersedes(
+    tmp_path: Path, files: dict[str, Path], store: Path
+) -> None:
+    """Made with other kernel arguments (or by another hako) for the same kernel, size and
+    accelerator, an old template is never used again: its RAM file must not stay in tmpfs."""
+
+    def make(vm: VMConfig) -> templates.Template:
+        made = _make(store, vm, files["qemu"])
+        meta = json.loads(made.meta_path.read_text())
+        meta["inputs"] = templates.inputs(vm, str(files["qemu"]))
+        made.meta_path.write_text(json.dumps(meta))
+        return made
+
+    old = make(_vm(tmp_path, files))
+    other_size = make(_vm(tmp_path, files, memory_mib=512))
+    debug = make(dataclasses.replace(_vm(tmp_path, files), debug=True))
+    new_vm = dataclasses.replace(_vm(tmp_path, files), kernel_cmdline=("console=ttyS0", "noapictimer"))
+    new = make(new_vm)
+    assert len({old.key, other_size.key, debug.key, new.key}) == 4
+
+    new_inputs = templates.inputs(new_vm, str(files["qemu"]))
+    assert templates.prune_superseded(new_inputs, new.key) == [old.key]
+    assert not old.dir.exists()
+    assert other_size.dir.exists() and debug.dir.exists() and new.dir.exists()

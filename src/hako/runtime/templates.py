@@ -237,6 +237,8 @@ def create(vm: VMConfig, qemu_binary: str, boot_timeout: float, warn: Warn) -> T
         os.rename(work, final.dir)
     for key in prune_stale():
         warn(f"removed template {key}: its kernel, guest image or QEMU has changed since")
+    for key in prune_superseded(template_inputs, final.key):
+        warn(f"removed template {key}: {final.key} replaces it (new kernel arguments or hako)")
     return final
 
 
@@ -258,6 +260,29 @@ def prune_stale() -> list[str]:
                 discard(template)
                 removed.append(template.key)
                 break
+    return removed
+
+
+# What a template is for. Another template for the same is an older version of it, made with
+# other kernel arguments, machine options or another hako: nothing would use it again.
+PURPOSE = ("kernel", "memory_mib", "vcpus", "accel", "shared_dir", "disk_slots")
+
+
+def _purpose(template_inputs: dict[str, Any]) -> list[Any]:
+    debug = "hako.debug=1" in (template_inputs.get("cmdline") or [])
+    return [template_inputs.get(name) for name in PURPOSE] + [debug]
+
+
+def prune_superseded(template_inputs: dict[str, Any], keep: str) -> list[str]:
+    """Remove the templates that template ``keep`` (made from ``template_inputs``) replaces:
+    the same kernel file, VM size and accelerator, other inputs. Their RAM files would otherwise
+    stay in /run (tmpfs: memory) until the host reboots. Returns their keys."""
+    purpose = _purpose(template_inputs)
+    removed = []
+    for template, meta in listing():
+        if template.key != keep and _purpose(meta.get("inputs", {})) == purpose:
+            discard(template)
+            removed.append(template.key)
     return removed
 
 
