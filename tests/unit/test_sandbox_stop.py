@@ -164,3 +164,32 @@ def test_a_clone_whose_qemu_exits_before_its_sandbox_exists_is_not_dead(
     booted = Sandbox(_sandbox(tmp_path, files), ExitedVM())
     booted._watch(booted.vm)
     assert booted.dead.is_set()
+
+
+def test_a_restore_that_fails_because_the_sandbox_stops_boots_nothing_instead(
+    tmp_path: Path, files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopping a clone kills its QEMU while it may still be restoring; the restore then fails.
+    That must not boot a VM in its place (which recreated the run dir after it was removed)
+    nor remove the template as if it were broken."""
+    from hako.errors import AgentError, HakoError
+    from hako.runtime import sandbox as sandbox_module
+    from hako.runtime import templates
+
+    template = tmp_path / "tpl"
+    template.mkdir()
+    clone = Sandbox(_sandbox(tmp_path, files, template=template), FakeVM([]))
+
+    def check_fails(timeout: float) -> Any:
+        raise AgentError("the agent channel closed")
+
+    def no_boot(*args: object) -> Any:
+        raise AssertionError("a VM was booted for a sandbox being stopped")
+
+    monkeypatch.setattr(clone, "_check_agent", check_fails)
+    monkeypatch.setattr(sandbox_module, "QemuVM", no_boot)
+    monkeypatch.setattr(templates, "discard", no_boot)
+    clone.stop(discard=True)
+    with pytest.raises(HakoError):
+        clone.wait_ready()
+    assert template.is_dir()

@@ -106,7 +106,7 @@ class Sandbox:
         try:
             check, answered = self._check_agent(RESTORE_TIMEOUT if restored else self.config.boot_timeout)
         except AgentError as exc:
-            if not restored:
+            if not restored or self._stopping.is_set():  # being stopped: no boot to fall back to
                 raise self._boot_failure(exc) from exc
             check, answered = self._boot_cold_instead(exc)
             restored = False
@@ -207,17 +207,22 @@ class Sandbox:
         template = self.config.template
         assert template is not None
         reason = self.vm.exit_reason() if self.vm.exited.wait(1) else str(exc)
-        self.warn(f"restoring from template {template.name} failed ({reason}): removed it, booting cold")
-        templates.discard(templates.Template(template.name, template))
-        old_vm, old_agent = self.vm, self.agent
-        self.config = self.config.cold()
-        self.vm = QemuVM(self.config.vm_config())
-        old_vm.kill()
-        old_vm.stop()
-        if old_agent is not None:
-            old_agent.close()
-        self._remove_private_memory()
-        self.vm.start()
+        # Under the lock, so that a stop either comes first (and nothing is booted) or stops
+        # the VM booted here (not the old one, leaving this one behind).
+        with self._lock:
+            if self._stopping.is_set():
+                raise SandboxError("the sandbox was stopped while its VM was being restored")
+            self.warn(f"restoring from template {template.name} failed ({reason}): removed it, booting cold")
+            templates.discard(templates.Template(template.name, template))
+            old_vm, old_agent = self.vm, self.agent
+            self.config = self.config.cold()
+            self.vm = QemuVM(self.config.vm_config())
+            old_vm.kill()
+            old_vm.stop()
+            if old_agent is not None:
+                old_agent.close()
+            self._remove_private_memory()
+            self.vm.start()
         self._watch(self.vm)
         if self.network is not None:
             self.network.rewire()
