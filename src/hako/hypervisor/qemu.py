@@ -205,7 +205,6 @@ class QemuVM(Hypervisor):
         self._qmp_sock: socket.socket | None = None
         self._qmp: QmpBridge | None = None
         self._qmp_ready = threading.Event()
-        self._qmp_error: Exception | None = None
         self._restore_error: HypervisorError | None = None
         self._callbacks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
@@ -328,7 +327,7 @@ class QemuVM(Hypervisor):
                 with monitor:
                     start_restore(monitor, state_fd, timeout=30)
             except HypervisorError as exc:
-                self._qmp_error = self._restore_error = exc
+                self._restore_error = exc
                 self._signal(signal.SIGKILL)  # a VM that cannot restore must not linger paused
                 self._qmp_ready.set()
                 return
@@ -341,8 +340,7 @@ class QemuVM(Hypervisor):
         try:
             bridge.connect(self._qmp_sock, timeout=30)
             self._qmp = bridge
-        except Exception as exc:
-            self._qmp_error = exc
+        except Exception:
             bridge.close()
             if self.config.incoming is not None:
                 self._signal(signal.SIGKILL)  # nothing could manage this clone: it must not linger
