@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from hako.assets import GuestImage, Kernel, guest_image, kernel
+from hako.hypervisor.base import cpu_model
 
 STUB_INIT = """#!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
@@ -79,7 +80,7 @@ def qemu_argv(k: Kernel, img: GuestImage, machine: str, args: tuple[str, ...]) -
         "-accel",
         "tcg",
         "-cpu",
-        "max",
+        cpu_model("tcg"),
         "-m",
         "256M",
         "-smp",

@@ -14,6 +14,7 @@ import pytest
 from hako.assets import GuestImage, Kernel
 from hako.errors import TemplateError
 from hako.hypervisor import Accelerator, VMConfig
+from hako.hypervisor import base as hypervisor_base
 from hako.hypervisor.qemu import build_argv
 from hako.runtime import templates
 from hako.runtime.config import SandboxConfig
@@ -123,6 +124,16 @@ def test_the_key_follows_every_input(tmp_path: Path, files: dict[str, Path]) -> 
     assert templates.key_of(templates.inputs(_vm(tmp_path, files), qemu)) != base
     files["qemu"].write_bytes(b"an upgraded qemu")
     assert templates.key_of(templates.inputs(_vm(tmp_path, files), str(files["qemu"]))) != base
+
+
+def test_the_key_follows_the_cpu_model(
+    tmp_path: Path, files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clone must run on the CPU its template was saved with: another model is another key."""
+    qemu = str(files["qemu"])
+    base = templates.key_of(templates.inputs(_vm(tmp_path, files), qemu))
+    monkeypatch.setattr(hypervisor_base, "TCG_CPU", "qemu64")
+    assert templates.key_of(templates.inputs(_vm(tmp_path, files), qemu)) != base
 
 
 # -- checks ---------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from hako.errors import HakoError, HypervisorError
 from hako.hypervisor import qemu_args as qa
-from hako.hypervisor.base import Hypervisor, VMConfig, disk_serial
+from hako.hypervisor.base import Hypervisor, VMConfig, cpu_model, disk_serial
 from hako.hypervisor.binary import find_qemu
 from hako.network import netns
 
@@ -74,7 +74,6 @@ def build_argv(
     """QEMU's command line. ``restore_fd`` is a second monitor's, for a VM restored from
     ``config.incoming``: see :func:`start_restore`."""
     run = config.run_dir
-    tcg = config.accel.name == "tcg"
     cmdline = list(config.kernel_cmdline)
     if config.debug:
         cmdline.append("hako.debug=1")
@@ -88,7 +87,7 @@ def build_argv(
         qa.Name(f"hako-{config.name[:12]}"),
         qa.Machine("microvm", machine),
         qa.Accel(config.accel.name),
-        qa.Cpu("max" if tcg else "host"),
+        qa.Cpu(cpu_model(config.accel.name)),
         qa.Memory(config.memory_mib),
     ]
     if config.memory_file is not None:

@@ -38,7 +38,7 @@ from typing import Any
 
 import hako
 from hako.errors import HakoError, TemplateError
-from hako.hypervisor.base import VMConfig
+from hako.hypervisor.base import VMConfig, cpu_model
 from hako.runtime import paths
 from hako.runtime.config import SandboxConfig
 
@@ -80,6 +80,7 @@ def inputs(vm: VMConfig, qemu_binary: str) -> dict[str, Any]:
         "memory_mib": vm.memory_mib,
         "vcpus": vm.vcpus,
         "accel": vm.accel.name,
+        "cpu": cpu_model(vm.accel.name),
         "shared_dir": vm.shared_dir is not None,
         "disk_slots": vm.disk_slots,
     }
