@@ -55,7 +55,7 @@ from pathlib import Path
 
 from hako.errors import AssetError
 
-from . import _cache, _debian, _debs, _image, _trimmed
+from . import _cache, _debs, _image, _trimmed  # _debian: only for that kernel (its imports cost)
 from ._progress import Reporter
 from ._types import IMAGE_FORMATS, KERNEL_KINDS, AssetStatus, GuestImage, Kernel
 
@@ -87,9 +87,12 @@ def _check_kind(kind: str) -> None:
 def kernel(kind: str, *, build: bool = False, progress: bool = False) -> Kernel:
     """The guest kernel of ``kind``; with ``build``, build (or fetch) it first if it is missing."""
     _check_kind(kind)
-    if build:
-        return _trimmed.build(Reporter(progress)) if kind == "trimmed" else _debian.build(Reporter(progress))
-    found = _trimmed.find() if kind == "trimmed" else _debian.find()
+    if kind == "trimmed":
+        found = _trimmed.build(Reporter(progress)) if build else _trimmed.find()
+    else:
+        from . import _debian
+
+        found = _debian.build(Reporter(progress)) if build else _debian.find()
     if found is None:
         raise AssetError(f"the {kind} guest kernel is not built; {_HINT}")
     return found
@@ -151,6 +154,8 @@ def guest_image(
         modules = []
         kernel_info: dict[str, object] = {}
         if kernel_kind == "debian":
+            from . import _debian
+
             kernel_info = _cache.read_info(k.path.parent) or {}
             modules = [
                 (p, "/" + p.relative_to(k.path.parent / "modules").as_posix())

@@ -22,35 +22,27 @@ it moves it, as ``docker load`` does.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import gzip
 import json
-import logging
 import os
 import shutil
-import tarfile
-import tempfile
-import uuid
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hako.errors import ImageError, ImageNotFound, UsageError
 from hako.image.config import ImageConfig
-from hako.image.decompress import decompressed
-from hako.image.digest import Digest, HashingReader, exhaust
-from hako.image.docker_archive import read_docker_archive
 from hako.image.filelock import exclusive_lock
-from hako.image.layer import apply_layer
-from hako.image.layout import read_oci_layout
-from hako.image.manifest import LayerRef, SourceImage
 from hako.image.reference import matches, matches_short
-from hako.image.source import DirSource, ImageSource, TarSource
 from hako.oci.bundle import Bundle, load_bundle
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from hako.image.digest import Digest
+    from hako.image.manifest import LayerRef, SourceImage
+    from hako.image.source import ImageSource
+
+# Importing an image (archives, layouts, layers, decompression) needs modules that finding one
+# does not: they are imported where they are used, since every `hako run` resolves its image.
 
 DEFAULT_ROOT = Path("/var/lib/hako/images")
 ENV_ROOT = "HAKO_IMAGES"
@@ -86,6 +78,8 @@ def image_kind(path: Path) -> str | None:
             return "docker-archive"
         return None
     if path.is_file():
+        import tarfile
+
         try:
             return "tar" if tarfile.is_tarfile(path) else None
         except OSError:
@@ -152,6 +146,9 @@ class ImageStore:
             raise ImageError(
                 f"{path} is an OCI bundle, not an image: run it directly instead of importing it"
             )
+        from hako.image.docker_archive import read_docker_archive
+        from hako.image.layout import read_oci_layout
+
         with self._open(path, kind) as source:
             if source.exists("index.json"):
                 found = read_oci_layout(source)
@@ -179,7 +176,9 @@ class ImageStore:
             try:
                 images.append(self._load(entry))
             except (OSError, ValueError, KeyError, ImageError) as err:
-                log.warning("skipping unreadable image %s: %s", entry, err)
+                import logging
+
+                logging.getLogger(__name__).warning("skipping unreadable image %s: %s", entry, err)
         return sorted(images, key=lambda image: image.imported, reverse=True)
 
     def remove(self, ref: str) -> Image:
@@ -189,7 +188,7 @@ class ImageStore:
         with exclusive_lock(self._locks / f"{key}.lock"):
             if not image.path.exists():
                 return image
-            doomed = self._tmp / f"{key}.removed.{uuid.uuid4().hex}"
+            doomed = self._tmp / f"{key}.removed.{_unique()}"
             os.rename(image.path, doomed)  # gone from the store at once; the delete can take its time
             shutil.rmtree(doomed)
         return image
@@ -207,7 +206,7 @@ class ImageStore:
                 return target  # made meanwhile
             if not image.path.is_dir():
                 raise ImageNotFound(f"image {image.short_id} was removed")
-            staging = image.path / f".{DISK_IMAGE}.{uuid.uuid4().hex}"
+            staging = image.path / f".{DISK_IMAGE}.{_unique()}"
             try:
                 make_ext4(image.rootfs, staging)
                 os.rename(staging, target)
@@ -219,6 +218,8 @@ class ImageStore:
 
     @contextlib.contextmanager
     def _open(self, path: Path, kind: str) -> Iterator[ImageSource]:
+        from hako.image.source import DirSource, TarSource
+
         source: ImageSource = TarSource(path) if kind == "tar" else DirSource(path)
         try:
             yield source
@@ -245,6 +246,9 @@ class ImageStore:
                 return
             for stale in self._tmp.glob(f"{key}.*"):  # a crashed import of this image; we hold its lock
                 shutil.rmtree(stale, ignore_errors=True)
+            import datetime
+            import tempfile
+
             staging = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=self._tmp))
             try:
                 rootfs = staging / "rootfs"
@@ -269,6 +273,14 @@ class ImageStore:
                 raise
 
     def _apply(self, source: ImageSource, layer: LayerRef, rootfs: Path) -> None:
+        import gzip
+        import tarfile
+        import zlib
+
+        from hako.image.decompress import decompressed
+        from hako.image.digest import HashingReader, exhaust
+        from hako.image.layer import apply_layer
+
         what = f"{source.description}: layer {layer.digest}"
         with source.open(layer.path) as raw:
             blob = HashingReader(raw, layer.digest.algorithm)
@@ -323,6 +335,11 @@ class ImageStore:
 
 def _write_json(path: Path, document: dict[str, Any]) -> None:
     """Replace ``path`` atomically, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    tmp = path.with_name(f".{path.name}.{_unique()}")
     tmp.write_text(json.dumps(document, indent=2) + "\n")
     os.replace(tmp, tmp.with_name(path.name))
+
+
+def _unique() -> str:
+    """A suffix for a temporary name nobody else picks."""
+    return os.urandom(16).hex()

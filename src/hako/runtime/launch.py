@@ -23,7 +23,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from hako.errors import HakoError
-from hako.runtime import mounts
 from hako.runtime.config import SandboxConfig
 from hako.runtime.state import SandboxState
 
@@ -83,6 +82,8 @@ def fork_sandbox(
     try:
         os.close(read_fd)
         _detach(config)
+        from hako.runtime import mounts  # ctypes: not for a `hako run` that takes a pooled VM
+
         mounts.private_namespace()
         config.shared_dir.mkdir(parents=True, exist_ok=True)
         if config.template is not None:
