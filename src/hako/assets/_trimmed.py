@@ -34,9 +34,10 @@ SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 EXPECTED_OBJECTS = 1030
 # Kernel args for a fast boot on microvm. No lpj=: it measured no gain (with a known TSC rate the
 # delay-loop calibration is skipped anyway) and a preset value skews TSC-based udelay() on other
-# hosts. no_timer_check, pci=off, tsc=reliable and 8250.nr_uarts=1 (built in) measured no gain
-# either; mitigations=off would save ~0.1-0.5 s under TCG but is not acceptable (one kernel, many
-# containers). Under TCG add Kernel.cmdline_for("tcg"): the TSC rate, noreplace-smp and TCG_CMDLINE.
+# hosts. pci=off, tsc=reliable and 8250.nr_uarts=1 (built in) measured no gain either. (Nor did
+# no_timer_check before noapictimer; now it saves ~28 ms: see BASE_CMDLINE.) mitigations=off would
+# save ~0.1-0.5 s under TCG but is not acceptable (one kernel, many containers). Under TCG add
+# Kernel.cmdline_for("tcg"): the TSC rate, noreplace-smp and TCG_CMDLINE.
 CMDLINE = BASE_CMDLINE
 # TCG's CPU has no TSC-deadline timer, so the kernel calibrates its local APIC timer against the
 # PIT: ~250 ms under TCG. noapictimer keeps the PIT as the clock event device instead (a
