@@ -11,8 +11,11 @@ device, no mount, nothing only root may do. It has no journal (the writable laye
 as its container; nothing needs to survive a crash) and no ``lost+found`` (the filesystem's root
 is the container's ``/``). Its free space is sparse on the host.
 
-Each container writes to its own qcow2 overlay of the base (``qemu-img create -b``), made in the
-sandbox's run dir and removed with it; the base is never written.
+Each container writes to its own qcow2 overlay of the base, made in the sandbox's run dir and
+removed with it; the base is never written. Every overlay of one base is the same small file (a
+qcow2 header naming the base, empty tables), so ``qemu-img create -b`` makes it once, next to the
+base, and each container gets a copy: ~0.1 ms instead of ~10 ms of qemu-img on the way to every
+container start.
 """
 
 from __future__ import annotations
@@ -84,9 +87,39 @@ def make_ext4(rootfs: Path, target: Path) -> None:
 
 def create_overlay(base: Path, overlay: Path) -> None:
     """A qcow2 image at ``overlay`` that reads ``base`` (raw) and keeps its own writes."""
-    qemu_img = _tool("qemu-img", "qemu-utils")
     overlay.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        pristine = _pristine_overlay(base.resolve())
+    except OSError:  # the base's directory is read-only to us: make this one directly
+        _qemu_img_overlay(base.resolve(), overlay)
+        return
+    shutil.copyfile(pristine, overlay)
+
+
+def _pristine_overlay(base: Path) -> Path:
+    """The empty overlay of ``base`` that overlays are copied from, made on first use. Its name
+    carries the base's size and modification time: a base made anew gets a new one (and the
+    old one goes)."""
+    st = base.stat()
+    prefix = f".{base.name}."
+    pristine = base.with_name(f"{prefix}{st.st_size}-{st.st_mtime_ns}.overlay.qcow2")
+    if pristine.is_file():
+        return pristine
+    staging = pristine.with_name(f"{pristine.name}.{os.getpid()}-{os.urandom(4).hex()}")
+    try:
+        _qemu_img_overlay(base, staging)
+        os.rename(staging, pristine)  # atomic: a racing maker's copy is as good as ours
+    finally:
+        staging.unlink(missing_ok=True)
+    for stale in base.parent.glob(f"{prefix}*.overlay.qcow2"):
+        if stale != pristine:
+            stale.unlink(missing_ok=True)
+    return pristine
+
+
+def _qemu_img_overlay(base: Path, overlay: Path) -> None:
+    qemu_img = _tool("qemu-img", "qemu-utils")
     _run(
-        [qemu_img, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base.resolve()), str(overlay)],
+        [qemu_img, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base), str(overlay)],
         f"creating the writable layer {overlay}",
     )
