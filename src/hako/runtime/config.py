@@ -41,6 +41,15 @@ class SandboxConfig:
         """Where a clone's own copy of its template's RAM goes (``template_private``)."""
         return self.run_dir / "memory"
 
+    def prepare_host(self) -> None:
+        """Make what this VM opens as it starts: the shared directory and, for a clone, what
+        :func:`hako.runtime.templates.prepare_clone` makes."""
+        self.shared_dir.mkdir(parents=True, exist_ok=True)
+        if self.template is not None:
+            from hako.runtime.templates import prepare_clone
+
+            prepare_clone(self)
+
     def cold(self) -> SandboxConfig:
         """The same sandbox, booted instead of restored."""
         return replace(self, template=None, template_private=False)

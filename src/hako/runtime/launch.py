@@ -85,11 +85,7 @@ def fork_sandbox(
         from hako.runtime import mounts  # ctypes: not for a `hako run` that takes a pooled VM
 
         mounts.private_namespace()
-        config.shared_dir.mkdir(parents=True, exist_ok=True)
-        if config.template is not None:
-            from hako.runtime.templates import prepare_clone
-
-            prepare_clone(config)
+        config.prepare_host()
         # Imported in the daemon: a `hako run` that takes a pooled VM never needs them.
         from hako.hypervisor.qemu import QemuVM
         from hako.network.sandbox import SandboxNetwork

@@ -84,12 +84,8 @@ class Sandbox:
     def start(self) -> None:
         """Launch the VM (unless the caller already did). The guest boots in the background; see
         :meth:`wait_ready`."""
-        self.shared_dir.mkdir(parents=True, exist_ok=True)
         if self.vm.launched_at is None:
-            if self.config.template is not None:
-                from hako.runtime.templates import prepare_clone
-
-                prepare_clone(self.config)
+            self.config.prepare_host()
             self.vm.start()
         self._watch(self.vm)
         if self.network is not None:

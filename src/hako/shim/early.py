@@ -98,9 +98,7 @@ def launch(pod_id: str, state_dir: Path, bundle: Path, options: bytes) -> EarlyV
         netns_path = network_namespace(spec)
         cfg = shim_config.load(path)
         config, network = prepare(pod_id, state_dir, cfg, hostname, netns_path, notes.append)
-        config.shared_dir.mkdir(parents=True, exist_ok=True)
-        if config.template is not None:
-            templates.prepare_clone(config)
+        config.prepare_host()
         vm = QemuVM(config.vm_config())
         vm.start()
     except Exception:
