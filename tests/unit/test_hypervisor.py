@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 from pathlib import Path
 
 import pytest
 
-from hako.errors import AcceleratorError, HypervisorError, UsageError
+from hako.errors import AcceleratorError, HypervisorError, NetworkError, UsageError
 from hako.hypervisor import Accelerator, VMConfig, choose, probe_kvm
 from hako.hypervisor import qemu_args as qa
 from hako.hypervisor.accel import KvmProbe
@@ -187,3 +188,30 @@ def test_a_clone_has_a_restore_monitor_and_a_deferred_incoming(tmp_path: Path) -
     assert argv[argv.index("-incoming") + 1] == "defer"
     boot = build_argv("qemu", _config(tmp_path), qmp_fd=5, agent_fd=6, tap_fd=7, restore_fd=8)
     assert "-incoming" not in boot and "socket,id=restore,fd=8" not in boot
+
+
+@pytest.mark.parametrize(("shared", "persist"), [(False, True), (True, False)])
+def test_the_tap_persists_only_in_a_namespace_that_ends_with_the_sandbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared: bool, persist: bool
+) -> None:
+    """In the sandbox's own namespace the tap outlives QEMU (a killed QEMU need not wait for it to
+    be unregistered) and goes with the namespace; in a joined one (a pod's) it goes with QEMU."""
+    from hako.hypervisor import qemu
+    from hako.network import netns
+
+    asked: list[bool] = []
+
+    def open_tap(netns_fd: int, name: str = "tap0", *, persist: bool = False) -> int:
+        asked.append(persist)
+        raise NetworkError("no tap here")
+
+    monkeypatch.setattr(qemu, "find_qemu", lambda: "qemu")
+    monkeypatch.setattr(netns, "open_tap", open_tap)
+    namespace = os.open(os.devnull, os.O_RDONLY)
+    try:
+        vm = qemu.QemuVM(_config(tmp_path, netns_fd=namespace, netns_shared=shared))
+        with pytest.raises(NetworkError):
+            vm.start()
+    finally:
+        os.close(namespace)
+    assert asked == [persist]

@@ -44,6 +44,9 @@ class VMConfig:
     # The network namespace QEMU runs in, whose tap its NIC uses (a descriptor; the VM gets an
     # empty namespace of its own if None). Every VM has the NIC: a template's clones need it.
     netns_fd: int | None = None
+    # That namespace outlives the sandbox (a pod's, joined): its tap must go with QEMU. In one
+    # that ends with the sandbox, the tap stays until the namespace goes (see netns.open_tap).
+    netns_shared: bool = False
 
 
 def disk_serial(slot: int) -> str:

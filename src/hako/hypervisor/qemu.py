@@ -226,7 +226,7 @@ class QemuVM(Hypervisor):
             netns_fd = netns.create() if own_netns else self.config.netns_fd
             assert netns_fd is not None
             try:
-                tap_fd = netns.open_tap(netns_fd)
+                tap_fd = netns.open_tap(netns_fd, persist=not self.config.netns_shared)
             except HakoError:
                 if own_netns:
                     os.close(netns_fd)
@@ -255,7 +255,7 @@ class QemuVM(Hypervisor):
         launched.wait()
         for sock in vm_ends:
             sock.close()
-        os.close(tap_fd)  # QEMU has its own: the tap goes when QEMU does
+        os.close(tap_fd)  # QEMU has its own; the tap goes with QEMU, or with its namespace
         if own_netns:
             os.close(netns_fd)
         if state_fd is not None:

@@ -26,6 +26,7 @@ from hako.errors import NetworkError
 
 CLONE_NEWNET = 0x40000000
 TUNSETIFF = 0x400454CA
+TUNSETPERSIST = 0x400454CB
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
@@ -96,15 +97,23 @@ def create() -> int:
     return result[0]
 
 
-def open_tap(netns_fd: int, name: str = TAP_NAME) -> int:
-    """Create the tap ``name`` in namespace ``netns_fd``; returns its descriptor (for QEMU's
-    ``-netdev tap,fd=``). The tap exists as long as a descriptor of it is open."""
+def open_tap(netns_fd: int, name: str = TAP_NAME, *, persist: bool = False) -> int:
+    """Create the tap ``name`` in namespace ``netns_fd`` (or take it, if it persists and nobody
+    holds it); returns its descriptor (for QEMU's ``-netdev tap,fd=``).
+
+    Without ``persist`` the tap goes when its last descriptor is closed, and the process that
+    closes it (QEMU, exiting) waits while the kernel unregisters the device: ~17 ms more for a
+    killed QEMU to be gone (6 ms without a tap, measured). With ``persist`` it stays until its
+    namespace goes, which the kernel does in the background once nothing holds the namespace:
+    for namespaces that end with their sandbox, never for one that outlives it."""
     request = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
     with entered(netns_fd):
         fd = -1
         try:
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
             fcntl.ioctl(fd, TUNSETIFF, request)
+            if persist:
+                fcntl.ioctl(fd, TUNSETPERSIST, 1)
         except OSError as exc:
             if fd >= 0:
                 os.close(fd)

@@ -104,6 +104,11 @@ class SandboxNetwork:
         self._wire_error: BaseException | None = None
         self._closed = False
 
+    @property
+    def owns_namespace(self) -> bool:
+        """The namespace is this sandbox's own, and ends with it (not a joined one)."""
+        return self.mode != "joined"
+
     @classmethod
     def create(cls, sandbox_id: str, mode: str) -> SandboxNetwork:
         """A new namespace for a sandbox; in bridge mode, with its address leased. ``ns:PATH``

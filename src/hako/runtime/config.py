@@ -31,6 +31,7 @@ class SandboxConfig:
     template_private: bool = False  # ... from a copy of its RAM: no pages shared with other clones
     disk_slots: int = 1  # disks a block rootfs can be attached to (the VM's devices: see VMConfig)
     netns_fd: int | None = None  # the network namespace the VM runs in (hako.network); own if None
+    netns_shared: bool = False  # ... and it outlives the sandbox (joined: a pod's, ns:PATH)
 
     @property
     def shared_dir(self) -> Path:
@@ -80,4 +81,5 @@ class SandboxConfig:
             debug=self.debug,
             disk_slots=self.disk_slots,
             netns_fd=self.netns_fd,
+            netns_shared=self.netns_shared,
         )

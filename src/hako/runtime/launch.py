@@ -92,7 +92,9 @@ def fork_sandbox(
 
         sandbox_network = SandboxNetwork.create(state.id, network)
         try:
-            config = dataclasses.replace(config, netns_fd=sandbox_network.netns_fd)
+            config = dataclasses.replace(
+                config, netns_fd=sandbox_network.netns_fd, netns_shared=not sandbox_network.owns_namespace
+            )
             vm = QemuVM(config.vm_config())
             vm.start()
         except HakoError as exc:
