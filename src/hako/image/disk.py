@@ -88,10 +88,11 @@ def make_ext4(rootfs: Path, target: Path) -> None:
 def create_overlay(base: Path, overlay: Path) -> None:
     """A qcow2 image at ``overlay`` that reads ``base`` (raw) and keeps its own writes."""
     overlay.parent.mkdir(parents=True, exist_ok=True)
+    base = base.resolve()
     try:
-        pristine = _pristine_overlay(base.resolve())
+        pristine = _pristine_overlay(base)
     except OSError:  # the base's directory is read-only to us: make this one directly
-        _qemu_img_overlay(base.resolve(), overlay)
+        _qemu_img_overlay(base, overlay)
         return
     shutil.copyfile(pristine, overlay)
 

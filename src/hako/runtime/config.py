@@ -5,10 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hako import assets
 from hako.hypervisor.accel import Accelerator
 from hako.hypervisor.base import VMConfig
+
+if TYPE_CHECKING:
+    from hako.network.sandbox import SandboxNetwork
 
 GUEST_SHARED = "/run/hako/shared"  # where the agent mounts the sandbox's shared directory
 GUEST_CONTAINERS = "/run/hako/containers"  # block rootfs are mounted under <this>/<container>/rootfs
@@ -41,6 +45,10 @@ class SandboxConfig:
     def private_memory(self) -> Path:
         """Where a clone's own copy of its template's RAM goes (``template_private``)."""
         return self.run_dir / "memory"
+
+    def in_network(self, network: SandboxNetwork) -> SandboxConfig:
+        """The same sandbox, its VM in ``network``'s namespace."""
+        return replace(self, netns_fd=network.netns_fd, netns_shared=not network.owns_namespace)
 
     def prepare_host(self) -> None:
         """Make what this VM opens as it starts: the shared directory and, for a clone, what

@@ -12,7 +12,6 @@ does. The daemon reports over a pipe, one JSON object per line:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import select
@@ -92,9 +91,7 @@ def fork_sandbox(
 
         sandbox_network = SandboxNetwork.create(state.id, network)
         try:
-            config = dataclasses.replace(
-                config, netns_fd=sandbox_network.netns_fd, netns_shared=not sandbox_network.owns_namespace
-            )
+            config = config.in_network(sandbox_network)
             vm = QemuVM(config.vm_config())
             vm.start()
         except HakoError as exc:

@@ -83,7 +83,7 @@ def prepare(
     if not netns_path:
         return config, None
     network = SandboxNetwork.join(pod_id, netns_path)
-    return dataclasses.replace(config, netns_fd=network.netns_fd, netns_shared=True), network
+    return config.in_network(network), network
 
 
 def launch(pod_id: str, state_dir: Path, bundle: Path, options: bytes) -> EarlyVM | None:
