@@ -16,6 +16,7 @@ from Debian's busybox-static). Needs root, QEMU and the built guest assets.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -86,23 +87,66 @@ def pss_kib(pid: int) -> int:
     raise SystemExit(f"no Pss for pid {pid}")
 
 
-def measure_memory(env: dict[str, str], count: int, template: str = "off") -> tuple[float, float]:
-    """Median PSS (MiB) of an idle sandbox's QEMU and of its daemon, over ``count`` sandboxes
-    running at the same time."""
+def translated_code_kib(pid: int) -> int:
+    """PSS of QEMU's TCG translation buffer: its one anonymous mapping that is writable and
+    executable (0 under KVM, which runs guest code as it is)."""
+    total, in_buffer = 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+            in_buffer = fields[1] == "rwxp" and fields[4] == "0" and len(fields) == 5
+        elif in_buffer and fields[0] == "Pss:":
+            total += int(fields[1])
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    """Median PSS (MiB) per idle sandbox."""
+
+    qemu: float
+    daemon: float
+    translated: float  # of ``qemu``: TCG's translated code
+
+    @property
+    def total(self) -> float:
+        return self.qemu + self.daemon
+
+    def describe(self) -> str:
+        code = f", of which {self.translated:.1f} MiB TCG's translated code" if self.translated else ""
+        return f"QEMU {self.qemu:.1f} MiB{code} + daemon {self.daemon:.1f} MiB = {self.total:.1f} MiB PSS"
+
+
+def measure_memory(env: dict[str, str], count: int, template: str = "off", pool: bool = False) -> Memory:
+    """PSS of an idle sandbox's QEMU and of its daemon, medians over ``count`` sandboxes running
+    ``sleep`` at the same time. With ``pool``, the sandboxes are taken from a warm pool of
+    ``count`` (whose daemons one ``hako pool fill`` forked), which is not refilled."""
     names = [f"mem{i}" for i in range(count)]
     try:
+        if pool:
+            for size in (count, 0):  # fill it, then want none: taking one starts no refill
+                argv = [*hako_command(), "pool", "fill", str(size)]
+                subprocess.run(argv, env=env, check=True, capture_output=True)
         for name in names:
             argv = [*hako_command(), "run", "-d", f"--template={template}", "--name", name]
+            argv += [] if pool else ["--no-pool"]
             subprocess.run([*argv, IMAGE, "sleep", "1000"], env=env, check=True, capture_output=True)
         time.sleep(3)  # let the guests settle (warm-up thread, page cache)
-        qemu, daemon = [], []
+        qemu, daemon, code = [], [], []
         for directory in (Path(env["HAKO_RUN"]) / "sandboxes").iterdir():
             state = json.loads((directory / "state.json").read_text())
+            if state.get("name") not in names:
+                continue
+            if pool and "pool_take" not in state.get("timing", {}):
+                raise SystemExit(f"{state['name']} was not taken from the pool")
             qemu.append(pss_kib(state["qemu_pid"]) / 1024)
             daemon.append(pss_kib(state["daemon_pid"]) / 1024)
-        return statistics.median(qemu), statistics.median(daemon)
+            code.append(translated_code_kib(state["qemu_pid"]) / 1024)
+        return Memory(statistics.median(qemu), statistics.median(daemon), statistics.median(code))
     finally:
         subprocess.run([*hako_command(), "rm", "-f", *names], env=env, capture_output=True, check=False)
+        if pool:
+            subprocess.run([*hako_command(), "pool", "drain"], env=env, capture_output=True, check=False)
 
 
 def machine() -> str:
@@ -163,11 +207,9 @@ def main() -> None:
                 f"{kernel} kernel: {kernel_file.release}, {kernel_file.path.stat().st_size / 1e6:.1f} MB; "
                 f"guest image: {image.format}, {image.size_bytes / 1e6:.1f} MB"
             )
-        qemu, daemon = measure_memory(env, args.sandboxes)
-        print(
-            f"host memory per idle sandbox (trimmed kernel, median of {args.sandboxes}): "
-            f"QEMU {qemu:.1f} MiB + daemon {daemon:.1f} MiB = {qemu + daemon:.1f} MiB PSS"
-        )
+        memory = measure_memory(env, args.sandboxes)
+        label = f"host memory per idle sandbox (trimmed kernel, median of {args.sandboxes})"
+        print(f"{label}: {memory.describe()}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -13,7 +13,10 @@ paths alike:
 - ``runc run`` and ``runsc --platform=ptrace run`` of a bundle with the same rootfs, wall time;
 
 then the host memory per idle cloned sandbox (PSS of its QEMU and of its daemon, with
-``--clones`` of them running at once; the template's pages are shared between them).
+``--clones`` of them running at once; the template's pages are shared between them), for
+clones that ``hako run -d`` restored and for clones it took from a warm pool (whose daemons,
+forked by one ``hako pool fill``, share their Python heap). QEMU's figure names the part that
+is TCG's translated code, which KVM does not have.
 
 Runs against a throw-away state, image and template store. Needs root, QEMU, the guest
 assets, runc and runsc (Debian packages).
@@ -160,13 +163,12 @@ def main() -> None:
         row("runc run", "", "runc")
         row("runsc --platform=ptrace run", "", "runsc")
 
-        qemu, daemon = measure_memory(env, args.clones, template="auto")
-        print(
-            f"\nhost memory per idle cloned sandbox ({args.clones} running, median): "
-            f"QEMU {qemu:.1f} MiB + daemon {daemon:.1f} MiB = {qemu + daemon:.1f} MiB PSS"
-        )
-        cold_qemu, cold_daemon = measure_memory(env, 3, template="off")
-        print(f"for comparison, a booted sandbox (3 running): {cold_qemu + cold_daemon:.1f} MiB PSS")
+        print(f"\nhost memory per idle cloned sandbox ({args.clones} running, medians):")
+        restored = measure_memory(env, args.clones, template="auto")
+        print(f"  restored by hako run -d:  {restored.describe()}")
+        pooled = measure_memory(env, args.clones, template="auto", pool=True)
+        print(f"  taken from the warm pool: {pooled.describe()}")
+        print(f"  for comparison, a booted sandbox (3 running): {measure_memory(env, 3).describe()}")
     finally:
         for root in (scratch / "runc", scratch / "runsc"):
             if root.is_dir():

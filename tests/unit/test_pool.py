@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,41 @@ def test_no_refill_unless_short(monkeypatch: pytest.MonkeyPatch) -> None:
     pool.set_wanted(STANDARD, 2)
     pool.refill_in_background(STANDARD)
     assert len(started) == 1 and started[0][-4:] == ["fill", "--refill", "--shape", "trimmed/256M/1"]
+
+
+def test_fill_preloads_the_daemon_once_before_its_first_fork(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemons one fill forks share what they import: it is imported in the filler, once,
+    before the first fork; a fill that forks nothing preloads nothing."""
+    import argparse
+
+    from hako.cli import pool as pool_cli
+    from hako.runtime import launch
+
+    events: list[str] = []
+    monkeypatch.setattr(pool_cli, "require_root", lambda command: None)
+    monkeypatch.setattr(launch, "preload_daemon", lambda: events.append("preload"))
+
+    def add_one(shape: pool.Shape) -> SandboxState:
+        events.append("fork")
+        return _pooled()
+
+    monkeypatch.setattr(pool_cli, "_add_one", add_one)
+    args = argparse.Namespace(size=2, shape=STANDARD.key, refill=False, memory=None, cpus=None)
+    assert pool_cli.fill(args) == 0
+    assert events == ["preload", "fork", "fork"]
+
+    events.clear()
+    assert pool_cli.fill(args) == 0  # full: nothing to fork
+    assert events == []
+
+
+def test_preload_daemon_imports_what_the_daemon_runs_on() -> None:
+    script = (
+        "import sys\n"
+        "from hako.runtime.launch import preload_daemon\n"
+        "daemon = ('hako.runtime.sandboxd', 'qemu.qmp', 'hako.hypervisor.qemu', 'hako.image.disk')\n"
+        "assert not any(name in sys.modules for name in daemon)\n"
+        "preload_daemon()\n"
+        "assert all(name in sys.modules for name in daemon)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)

@@ -56,14 +56,19 @@ def fill(args: argparse.Namespace) -> int:
     elif pool.wanted(shape) == 0 and not args.refill:  # a top-up never revives a drained pool
         pool.set_wanted(shape, 1)
     from hako.cli.manage import remove_sandbox
+    from hako.runtime.launch import preload_daemon
 
     with pool.locked():
         for state in pool.stale():
             remove_sandbox(state, force=True)
+        preloaded = False
         while True:
             have = [s for s in pool.members() if pool.Shape.of(s) == shape]
             if len(have) >= pool.wanted(shape):  # drained meanwhile: wanted is 0
                 break
+            if not preloaded:
+                preload_daemon()  # the daemons this fill forks share what they import
+                preloaded = True
             state = _add_one(shape)
             print(state.short_id)
     return 0

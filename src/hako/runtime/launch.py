@@ -66,6 +66,20 @@ def notify(fd: int, message: Mapping[str, Any]) -> None:
         os.write(fd, json.dumps(message).encode() + b"\n")
 
 
+def preload_daemon() -> None:
+    """Before forking several daemons (a pool fill): import what a daemon runs on.
+
+    Each forked daemon then shares those pages with its siblings, copy-on-write, instead of
+    importing its own copy of protobuf, asyncio and the runtime after the fork. Measured with
+    8 pooled sandboxes: 12 -> 9.7 MiB PSS per daemon. (``gc.freeze()`` on top, which keeps a
+    child's collections from writing to those objects, measured no difference.)
+    """
+    from hako.hypervisor import qemu, qmp  # noqa: F401
+    from hako.image import disk  # noqa: F401  (a claimed sandbox attaches its rootfs)
+    from hako.network import sandbox  # noqa: F401
+    from hako.runtime import mounts, sandboxd  # noqa: F401
+
+
 def fork_sandbox(
     state: SandboxState, config: SandboxConfig, *, pooled: bool = False, network: str = "bridge"
 ) -> tuple[int, Notifications]:
