@@ -267,3 +267,39 @@ def test_a_new_template_replaces_the_ones_it_supersedes(
     assert templates.prune_superseded(new_inputs, new.key) == [old.key]
     assert not old.dir.exists()
     assert other_size.dir.exists() and debug.dir.exists() and new.dir.exists()
+
+
+def test_a_template_lock_leaves_no_file_behind(store: Path) -> None:
+    with templates._locked("k1"):
+        assert (store / ".k1.lock").exists()
+    assert list(store.iterdir()) == []
+
+
+def test_a_template_lock_excludes_while_its_file_comes_and_goes(store: Path) -> None:
+    """Each holder removes the lock file as it lets go; whoever waited on that file must not
+    then hold a lock alongside one who made a new file meanwhile."""
+    import threading
+    import time
+
+    held: list[int] = []
+    overlaps: list[list[int]] = []
+    guard = threading.Lock()
+
+    def hold(n: int) -> None:
+        for _ in range(5):
+            with templates._locked("k"):
+                with guard:
+                    held.append(n)
+                    if len(held) > 1:
+                        overlaps.append(list(held))
+                time.sleep(0.002)
+                with guard:
+                    held.remove(n)
+
+    threads = [threading.Thread(target=hold, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert overlaps == []
+    assert list(store.iterdir()) == []

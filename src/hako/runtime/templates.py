@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -137,10 +136,11 @@ class Template:
 @contextlib.contextmanager
 def _locked(key: str) -> Iterator[None]:
     """One process at a time makes (or replaces) the template ``key``."""
+    from hako.image.filelock import exclusive_lock
+
     directory = templates_dir()
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with open(directory / f".{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive_lock(directory / f".{key}.lock", remove=True):
         yield
 
 
