@@ -22,6 +22,7 @@ KEY = (None, "web", "/run/netns/pod")
 class FakeEarly:
     def __init__(self) -> None:
         self.config_path, self.hostname, self.netns_path = KEY
+        self.settings = shim_config.ShimConfig(kernel="debian", source="/etc/hako/as-launched.toml")
         self.config = SimpleNamespace(template=None, accel=SimpleNamespace(reason="test"))
         self.vm = SimpleNamespace(pid=4242)
         self.network = None
@@ -70,14 +71,23 @@ def _pod(tmp_path: Path, early: FakeEarly, log: list[str]) -> Pod:
     return Pod("f" * 64, tmp_path, events, log.append, early=early_vm)
 
 
-def test_the_first_container_adopts_the_vm_it_asks_for(tmp_path: Path, made: list[Any]) -> None:
+def test_the_first_container_adopts_the_vm_it_asks_for(
+    tmp_path: Path, made: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     log: list[str] = []
     early = FakeEarly()
     pod = _pod(tmp_path, early, log)
+
+    def no_reading(config_path: str | None = None) -> shim_config.ShimConfig:
+        raise AssertionError("the config file was read again for a VM launched with it")
+
+    monkeypatch.setattr(shim_config, "load", no_reading)
     sandbox: Any = pod._sandbox_for(*KEY)
     assert sandbox.hypervisor is early.vm and sandbox.config is early.config
     assert not early.discarded and made == []
     assert any("as the shim started" in line for line in log)
+    # the VM is described as it was launched
+    assert any("debian kernel" in line and "as-launched.toml" in line for line in log)
 
 
 def test_another_vm_is_started_when_the_early_one_does_not_fit(tmp_path: Path, made: list[Any]) -> None:

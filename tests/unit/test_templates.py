@@ -237,9 +237,11 @@ def test_templates_of_changed_files_are_pruned(tmp_path: Path, files: dict[str, 
     meta = json.loads(made.meta_path.read_text())
     meta["inputs"] = templates.inputs(vm, str(files["qemu"]))
     made.meta_path.write_text(json.dumps(meta))
-    assert templates.prune_stale() == []
+    other_size = dataclasses.replace(vm, memory_mib=512)  # a new template not for the same
+    assert templates.prune(templates.inputs(other_size, str(files["qemu"])), "new") == {}
     os.utime(files["vmlinux"], ns=(2, 2))  # the kernel was rebuilt
-    assert templates.prune_stale() == [made.key]
+    pruned = templates.prune(templates.inputs(other_size, str(files["qemu"])), "new")
+    assert list(pruned) == [made.key] and "changed since" in pruned[made.key]
     assert not made.dir.exists()
 
 
@@ -264,7 +266,8 @@ def test_a_new_template_replaces_the_ones_it_supersedes(
     assert len({old.key, other_size.key, debug.key, new.key}) == 4
 
     new_inputs = templates.inputs(new_vm, str(files["qemu"]))
-    assert templates.prune_superseded(new_inputs, new.key) == [old.key]
+    pruned = templates.prune(new_inputs, new.key)
+    assert list(pruned) == [old.key] and "replaces it" in pruned[old.key]
     assert not old.dir.exists()
     assert other_size.dir.exists() and debug.dir.exists() and new.dir.exists()
 

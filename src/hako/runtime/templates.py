@@ -236,32 +236,50 @@ def create(vm: VMConfig, qemu_binary: str, boot_timeout: float, warn: Warn) -> T
         (work / META).write_text(json.dumps(meta, indent=1) + "\n")
         discard(final)  # a stale one (failed its checks), if any
         os.rename(work, final.dir)
-    for key in prune_stale():
-        warn(f"removed template {key}: its kernel, guest image or QEMU has changed since")
-    for key in prune_superseded(template_inputs, final.key):
-        warn(f"removed template {key}: {final.key} replaces it (new kernel arguments or hako)")
+    for key, why in prune(template_inputs, final.key).items():
+        warn(f"removed template {key}: {why}")
     return final
 
 
-def prune_stale() -> list[str]:
-    """Remove templates made from files that have changed or gone since (an upgraded QEMU, a
-    rebuilt kernel or guest image): nothing can use them again. Returns their keys."""
-    removed = []
+def prune(template_inputs: dict[str, Any], keep: str) -> dict[str, str]:
+    """Remove every template but ``keep`` (just made from ``template_inputs``) that nothing will
+    use again, and say why, by key. Their RAM files would otherwise stay in /run (tmpfs:
+    memory) until the host reboots. They are:
+
+    - stale: made from files that have changed or gone since (an upgraded QEMU, a rebuilt
+      kernel or guest image);
+    - superseded: for what ``keep`` is for (the same kernel file, VM size and accelerator),
+      with other inputs (kernel arguments, machine options, another hako).
+    """
+    purpose = _purpose(template_inputs)
+    removed = {}
     for template, meta in listing():
-        given = meta.get("inputs", {})
-        for name in ("qemu", "kernel", "initrd", "root_disk"):
-            recorded = given.get(name)
-            if recorded is None:
-                continue
-            try:
-                current = _file_id(recorded[0])
-            except (OSError, IndexError, TypeError):
-                current = None
-            if current != recorded:
-                discard(template)
-                removed.append(template.key)
-                break
+        if template.key == keep:
+            continue
+        if _is_stale(meta):
+            removed[template.key] = "its kernel, guest image or QEMU has changed since"
+        elif _purpose(meta.get("inputs", {})) == purpose:
+            removed[template.key] = f"{keep} replaces it (new kernel arguments or hako)"
+        else:
+            continue
+        discard(template)
     return removed
+
+
+def _is_stale(meta: dict[str, Any]) -> bool:
+    """A template's files (QEMU, kernel, guest image) are no longer the ones it was made from."""
+    given = meta.get("inputs", {})
+    for name in ("qemu", "kernel", "initrd", "root_disk"):
+        recorded = given.get(name)
+        if recorded is None:
+            continue
+        try:
+            current = _file_id(recorded[0])
+        except (OSError, IndexError, TypeError):
+            current = None
+        if current != recorded:
+            return True
+    return False
 
 
 # What a template is for. Another template for the same is an older version of it, made with
@@ -272,19 +290,6 @@ PURPOSE = ("kernel", "memory_mib", "vcpus", "accel", "shared_dir", "disk_slots")
 def _purpose(template_inputs: dict[str, Any]) -> list[Any]:
     debug = "hako.debug=1" in (template_inputs.get("cmdline") or [])
     return [template_inputs.get(name) for name in PURPOSE] + [debug]
-
-
-def prune_superseded(template_inputs: dict[str, Any], keep: str) -> list[str]:
-    """Remove the templates that template ``keep`` (made from ``template_inputs``) replaces:
-    the same kernel file, VM size and accelerator, other inputs. Their RAM files would otherwise
-    stay in /run (tmpfs: memory) until the host reboots. Returns their keys."""
-    purpose = _purpose(template_inputs)
-    removed = []
-    for template, meta in listing():
-        if template.key != keep and _purpose(meta.get("inputs", {})) == purpose:
-            discard(template)
-            removed.append(template.key)
-    return removed
 
 
 def for_sandbox(

@@ -33,6 +33,7 @@ class EarlyVM:
     config_path: str | None
     hostname: str
     netns_path: str
+    settings: shim_config.ShimConfig  # the shim's config file as read for this VM
     config: SandboxConfig
     vm: QemuVM
     network: SandboxNetwork | None
@@ -106,4 +107,4 @@ def launch(pod_id: str, state_dir: Path, bundle: Path, options: bytes) -> EarlyV
             network.close()
         return None
     notes.append(f"launched the pod's VM as the shim started (QEMU pid {vm.pid})")
-    return EarlyVM(path, hostname, netns_path, config, vm, network, notes)
+    return EarlyVM(path, hostname, netns_path, cfg, config, vm, network, notes)

@@ -135,7 +135,6 @@ class Pod:
             if self.sandbox.dead.is_set():
                 raise ContainerError(f"the pod's VM is dead: {self.sandbox.death_reason}")
             return self.sandbox
-        cfg = shim_config.load(config_path)
         early, self._early = self._early, None
         if early is not None:
             for note in early.notes:
@@ -145,9 +144,10 @@ class Pod:
                 early.discard()
                 early = None
         if early is not None:
-            config, network = early.config, early.network
+            cfg, config, network = early.settings, early.config, early.network
             sandbox = Sandbox(config, early.vm, warn=self.log, network=network)
         else:
+            cfg = shim_config.load(config_path)
             config, network = prepare(self.pod_id, self.state_dir, cfg, hostname, netns_path, self.log)
             sandbox = Sandbox(config, warn=self.log, network=network)
         how = f"restoring it from template {config.template.name}" if config.template else "booting it"
