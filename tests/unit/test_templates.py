@@ -86,6 +86,9 @@ def test_a_clone_maps_the_ram_copy_on_write_and_waits_for_its_state(
     plain = build_argv("qemu", config.cold().vm_config(), qmp_fd=5, agent_fd=6, tap_fd=7)
     devices = [argv[i + 1] for i, arg in enumerate(argv) if arg == "-device"]
     assert devices == [plain[i + 1] for i, arg in enumerate(plain) if arg == "-device"]
+    # the kernel and initrd are in the saved RAM: QEMU does not read them for a clone
+    assert "-kernel" in plain and "-initrd" in plain
+    assert "-kernel" not in argv and "-initrd" not in argv and "-append" not in argv
 
 
 def test_a_private_clone_maps_its_own_copy(tmp_path: Path, files: dict[str, Path]) -> None:
