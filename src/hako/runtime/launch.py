@@ -85,6 +85,14 @@ def fork_sandbox(
 ) -> tuple[int, Notifications]:
     """Fork the sandbox's daemon, with a ``network`` of that mode (:mod:`hako.network.sandbox`);
     returns its pid and its notifications. The caller has no threads."""
+    # What the daemon needs before it can launch QEMU is imported here, before the fork (and not
+    # by a `hako run` that takes a pooled VM): in the forked child every page an import writes
+    # is first copied, which made these imports take twice as long there. Measured: the daemon's
+    # start-up to the QEMU launch fell from 26-32 ms to 7.5 ms (medians of 12-16 runs).
+    from hako.hypervisor.qemu import QemuVM
+    from hako.network.sandbox import SandboxNetwork
+    from hako.runtime import mounts  # ctypes
+
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid:
@@ -95,14 +103,8 @@ def fork_sandbox(
     try:
         os.close(read_fd)
         _detach(config)
-        from hako.runtime import mounts  # ctypes: not for a `hako run` that takes a pooled VM
-
         mounts.private_namespace()
         config.prepare_host()
-        # Imported in the daemon: a `hako run` that takes a pooled VM never needs them.
-        from hako.hypervisor.qemu import QemuVM
-        from hako.network.sandbox import SandboxNetwork
-
         sandbox_network = SandboxNetwork.create(state.id, network)
         try:
             config = config.in_network(sandbox_network)
