@@ -175,8 +175,8 @@ def run(args: argparse.Namespace) -> int:
                 notify.close()
                 pool.refill_in_background(pool.Shape.of(taken))
     reserve(state)
-    args.startup = process_age()  # command start until the fork that starts QEMU
     pid, notify = fork_sandbox(state, config, network=args.network)
+    args.startup = process_age()  # command start until the fork that starts QEMU
     try:
         return _run(args, state, pid, notify, **limits)
     finally:
