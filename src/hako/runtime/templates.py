@@ -249,7 +249,7 @@ def prune(template_inputs: dict[str, Any], keep: str) -> dict[str, str]:
     - stale: made from files that have changed or gone since (an upgraded QEMU, a rebuilt
       kernel or guest image);
     - superseded: for what ``keep`` is for (the same kernel file, VM size and accelerator),
-      with other inputs (kernel arguments, machine options, another hako).
+      with other inputs (kernel arguments, machine options, a rebuilt guest image, another hako).
     """
     purpose = _purpose(template_inputs)
     removed = {}
@@ -259,7 +259,7 @@ def prune(template_inputs: dict[str, Any], keep: str) -> dict[str, str]:
         if _is_stale(meta):
             removed[template.key] = "its kernel, guest image or QEMU has changed since"
         elif _purpose(meta.get("inputs", {})) == purpose:
-            removed[template.key] = f"{keep} replaces it (new kernel arguments or hako)"
+            removed[template.key] = f"{keep} replaces it (other kernel arguments, guest image or hako)"
         else:
             continue
         discard(template)
