@@ -73,6 +73,10 @@ class Sandbox:
         self.kernel_release = ""
         self.dead = threading.Event()
         self.death_reason = ""
+        # Set once wait_ready knows which VM stays (its agent answered; a clone that failed to
+        # restore has been replaced), or that none does (it failed): from then on a container's
+        # rootfs can be attached while the guest is still being set up.
+        self.settled = threading.Event()
         self._stopping = threading.Event()
         # A clone is restoring from its launch (which may precede this object) until wait_ready
         # knows: a clone's QEMU that exits meanwhile is replaced by a boot, not a dead sandbox.
@@ -97,6 +101,12 @@ class Sandbox:
     def wait_ready(self) -> None:
         """Block until the agent answers, then set up the sandbox in the guest. A VM restored
         from a template that does not answer is replaced by one booted cold, with a warning."""
+        try:
+            self._wait_ready()
+        finally:
+            self.settled.set()
+
+    def _wait_ready(self) -> None:
         restored = self.config.template is not None
         self._restoring = restored  # meanwhile a dying VM is not the sandbox dying
         try:
@@ -122,6 +132,7 @@ class Sandbox:
                     launched, answered, check.uptime, boot.kernel_done, boot.agent_start, boot.agent_ready
                 )
             )
+        self.settled.set()
         share = pb.Storage(
             driver="9p", source="hako", fstype="9p", options=SHARE_OPTIONS, mount_point=GUEST_SHARED
         )
@@ -326,6 +337,7 @@ class Sandbox:
         *,
         rootfs_writable: bool = False,
         disk: Path | None = None,
+        before_create: Callable[[], None] | None = None,
     ) -> None:
         """Give the guest the container's rootfs and share its volumes, then create it there.
 
@@ -335,9 +347,12 @@ class Sandbox:
         snapshot), a rootfs that is shared as it is. With ``disk`` (the image's rootfs as an
         ext4 image, :mod:`hako.image.disk`) the rootfs is a block device instead: a qcow2
         overlay of ``disk`` attached to a free disk slot of the VM, which the agent mounts.
+
+        ``before_create`` runs between the host's part (the rootfs and volumes made ready for the
+        guest) and the guest's; hako run's daemon waits there for the sandbox to be set up, so
+        that its part overlaps the guest's own set-up (the VM must have :attr:`settled`).
         """
         started = time.monotonic()
-        agent = self._need_agent()
         if self.network is not None:
             self.network.wait_wired()
         container = _Container(container_id, [])
@@ -352,13 +367,18 @@ class Sandbox:
             guest_spec = self._share(container, spec, rootfs_writable, block=bool(storages))
             if storages:
                 guest_spec["root"] = {**spec["root"], "path": storages[0].mount_point}
-            agent.create_container(container_id, guest_spec, stdin, storages=storages)
+            if before_create is not None:
+                before_create()
+            ready = time.monotonic()
+            self._need_agent().create_container(container_id, guest_spec, stdin, storages=storages)
         except BaseException:
             with self._lock:
                 self._containers.pop(container_id, None)
             self._release(container)
             raise
-        self.timing["container_create"] = time.monotonic() - started
+        # From when the guest could take it: the host's part, if done while the guest was being
+        # set up, is in that row already.
+        self.timing["container_create"] = time.monotonic() - max(started, ready)
 
     def _attach_rootfs(self, container: _Container, disk: Path) -> pb.Storage:
         """A writable overlay of ``disk`` in a free disk slot; the Storage the agent mounts."""

@@ -146,7 +146,10 @@ class SandboxDaemon:
 
     def CreateContainer(self, request: pb.CreateContainerRequest, ctx: CallContext) -> pb.Empty:
         self._check_main(request.container_id)
-        self._need_ready()
+        # The host's part (rootfs disk, shares, ports) starts once the VM is the one that stays,
+        # while the guest sets itself up; the guest's part waits for that (before_create).
+        if not self.sandbox.settled.wait(self.sandbox.config.boot_timeout + 30):
+            raise TtrpcError(codes.UNAVAILABLE, "the sandbox did not become ready")
         with self._create_lock:
             if self.created.is_set():
                 raise TtrpcError(codes.ALREADY_EXISTS, f"container {request.container_id} exists")
@@ -155,11 +158,18 @@ class SandboxDaemon:
                 self._publish(ctx.first(PUBLISH_KEY))
                 disk = ctx.first(DISK_KEY)
                 self.sandbox.add_container(
-                    self.container_id, spec, request.stdin, disk=Path(disk) if disk else None
+                    self.container_id,
+                    spec,
+                    request.stdin,
+                    disk=Path(disk) if disk else None,
+                    before_create=self._need_ready,
                 )
             except HakoError as exc:
-                self.log(f"create failed: {exc}")
-                raise status_of(exc) from exc
+                # A VM that died under the host's part fails its boot too: that is what to report.
+                booted = self.ready.wait(self.sandbox.config.boot_timeout + 30)
+                error = self.boot_error if booted and self.boot_error is not None else exc
+                self.log(f"create failed: {error}")
+                raise status_of(error) from exc
             if ctx.first(ATTACH_KEY) == "1":
                 self.channels = {STDOUT: Channel(), STDERR: Channel()}
             for stream in (STDOUT, STDERR):
