@@ -354,10 +354,21 @@ def write_hosts(hostname: str, addresses: list[str]) -> None:
     os.makedirs(ETC, exist_ok=True)
     lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
     lines += [f"{address}\t{hostname}" for address in addresses]
-    with open(f"{ETC}/hosts", "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(f"{ETC}/hostname", "w", encoding="utf-8") as f:
-        f.write(hostname + "\n")
+    write_file(f"{ETC}/hosts", "\n".join(lines) + "\n")
+    write_file(f"{ETC}/hostname", hostname + "\n")
+
+
+def write_file(path: str, text: str) -> None:
+    """``text`` as the whole of ``path`` (mode 0644), in plain system calls. In a clone of a
+    template the first text-mode ``open().write()`` is code the emulator has not yet translated:
+    the three small files of CreateSandbox took 29-37 ms that way, 15-26 ms like this."""
+    data = text.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        while data:
+            data = data[os.write(fd, data) :]
+    finally:
+        os.close(fd)
 
 
 def add_network_files(spec: Spec) -> None:
@@ -377,8 +388,7 @@ def write_resolv_conf(dns: list[str]) -> None:
             raise InvalidArgument(f"dns[{i}]: {server!r} is not an address")
     os.makedirs(ETC, exist_ok=True)
     path = f"{ETC}/resolv.conf"
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(f"nameserver {server}\n" for server in dns)
+    write_file(path, "".join(f"nameserver {server}\n" for server in dns))
     if os.path.exists("/etc/resolv.conf"):
         linux.mount(path, "/etc/resolv.conf", None, linux.MS_BIND)
     else:

@@ -56,3 +56,19 @@ def test_no_resolv_conf_without_nameservers(tmp_path: Path, monkeypatch: pytest.
     spec = parse_spec(spec_with([]))
     sandbox.add_network_files(spec)
     assert "/etc/resolv.conf" not in {m.destination for m in spec.mounts}
+
+
+def test_write_file_replaces_the_whole_file(tmp_path: Path) -> None:
+    target = tmp_path / "resolv.conf"
+    sandbox.write_file(str(target), "nameserver 10.0.0.53\nnameserver 10.0.0.54\n")
+    sandbox.write_file(str(target), "nameserver 1.1.1.1\n")  # shorter: nothing of the old is left
+    assert target.read_text() == "nameserver 1.1.1.1\n"
+    assert target.stat().st_mode & 0o777 == 0o644 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
