@@ -93,8 +93,8 @@ def translated_code_kib(pid: int) -> int:
     total, in_buffer = 0, False
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
         fields = line.split()
-        if "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
-            in_buffer = fields[1] == "rwxp" and fields[4] == "0" and len(fields) == 5
+        if not fields[0].endswith(":"):  # a mapping: address, perms, offset, dev, inode[, path]
+            in_buffer = fields[1] == "rwxp" and len(fields) == 5
         elif in_buffer and fields[0] == "Pss:":
             total += int(fields[1])
     return total
