@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hako.runtime import pool
+from hako.runtime import paths, pool
 from hako.runtime.state import SandboxState, Status, new_id, process_start_ticks
 
 STANDARD = pool.Shape("trimmed", 256, 1)
@@ -105,7 +105,7 @@ def test_shape_keys_round_trip() -> None:
 
 def test_an_old_pool_file_is_ignored(roots: Path) -> None:
     (roots / "run").mkdir(exist_ok=True)
-    (roots / "run" / pool.POOL_FILE).write_text('{"trimmed": 2}')  # keyed by kernel, before shapes
+    paths.pool_file().write_text('{"trimmed": 2}')  # keyed by kernel, before shapes
     assert pool.shapes() == [] and pool.wanted(STANDARD) == 0
 
 

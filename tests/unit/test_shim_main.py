@@ -16,7 +16,7 @@ import hako
 from hako.runtime import mounts, paths
 from hako.runtime.sockets import listen_unix
 from hako.shim import main as shim_main
-from hako.shim.main import KILLED, Shim, _parse
+from hako.shim.main import KILLED, Shim, parse_args
 from hako.shim.serve import ShimLog
 from hako_containerd.containerd.runtime.v2.task import shim_pb2
 
@@ -54,7 +54,7 @@ def _in_pod(sandbox_id: str) -> dict[str, object]:
 
 
 def test_start_flags_as_containerd_passes_them() -> None:
-    args = _parse(_args("-debug", "start", id="0123abcd"))
+    args = parse_args(_args("-debug", "start", id="0123abcd"))
     assert args.namespace == "k8s.io"
     assert args.address == ADDRESS
     assert args.publish_binary == "/usr/bin/containerd"
@@ -65,7 +65,7 @@ def test_start_flags_as_containerd_passes_them() -> None:
 
 
 def test_delete_flags_and_defaults() -> None:
-    args = _parse(_args("-bundle", "/run/containerd/io.containerd.runtime.v2.task/k8s.io/c1", "delete"))
+    args = parse_args(_args("-bundle", "/run/containerd/io.containerd.runtime.v2.task/k8s.io/c1", "delete"))
     assert args.action == "delete"
     assert args.bundle == "/run/containerd/io.containerd.runtime.v2.task/k8s.io/c1"
     assert args.debug is False
@@ -73,7 +73,7 @@ def test_delete_flags_and_defaults() -> None:
 
 
 def test_go_style_equals_and_unknown_flags_are_tolerated() -> None:
-    args = _parse(["-namespace=default", "-id=x", "-some-future-flag", "start"])
+    args = parse_args(["-namespace=default", "-id=x", "-some-future-flag", "start"])
     assert (args.namespace, args.id, args.action) == ("default", "x", "start")
 
 
@@ -101,8 +101,8 @@ def test_an_unknown_action_exits_2_with_a_message(
 
 
 def test_containers_of_one_pod_share_a_shim(tmp_path: Path, run_root: Path) -> None:
-    sandbox = Shim.of(_parse(_args(id="pod-a")), _bundle(tmp_path, "pod-a", _in_pod("pod-a")))
-    app = Shim.of(_parse(_args(id="app")), _bundle(tmp_path, "app", _in_pod("pod-a")))
+    sandbox = Shim.of(parse_args(_args(id="pod-a")), _bundle(tmp_path, "pod-a", _in_pod("pod-a")))
+    app = Shim.of(parse_args(_args(id="app")), _bundle(tmp_path, "app", _in_pod("pod-a")))
     assert app.group == sandbox.group == "pod-a"
     assert app.socket == sandbox.socket
     assert app.dir == sandbox.dir
@@ -114,9 +114,9 @@ def test_containers_of_one_pod_share_a_shim(tmp_path: Path, run_root: Path) -> N
 
 def test_other_pods_namespaces_and_containerds_get_other_shims(tmp_path: Path) -> None:
     bundle = _bundle(tmp_path, "b", _in_pod("pod-a"))
-    base = Shim.of(_parse(_args(id="app")), bundle)
-    other_pod = Shim.of(_parse(_args(id="app")), _bundle(tmp_path, "b2", _in_pod("pod-b")))
-    other_ns = Shim.of(_parse(_args(id="app", namespace="default")), bundle)
+    base = Shim.of(parse_args(_args(id="app")), bundle)
+    other_pod = Shim.of(parse_args(_args(id="app")), _bundle(tmp_path, "b2", _in_pod("pod-b")))
+    other_ns = Shim.of(parse_args(_args(id="app", namespace="default")), bundle)
     other_containerd = Shim(ADDRESS + ".2", "k8s.io", "pod-a")
     shims = [base, other_pod, other_ns, other_containerd]
     assert (
@@ -140,7 +140,7 @@ def test_other_pods_namespaces_and_containerds_get_other_shims(tmp_path: Path) -
 def test_without_a_usable_sandbox_id_the_container_is_its_own_group(
     tmp_path: Path, config: object | str | None
 ) -> None:
-    shim = Shim.of(_parse(_args(id="lonely")), _bundle(tmp_path, "lonely", config))
+    shim = Shim.of(parse_args(_args(id="lonely")), _bundle(tmp_path, "lonely", config))
     assert shim.group == "lonely"
     assert shim.socket == Shim(ADDRESS, "k8s.io", "lonely").socket
     assert shim.socket != Shim(ADDRESS, "k8s.io", "someone-else").socket
@@ -196,7 +196,7 @@ def test_start_reuses_the_running_shim_of_the_pod(
     monkeypatch.chdir(bundle)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\x0a\x00")))  # runtime options
     try:
-        assert shim_main.start(_parse(_args("start", id="app"))) == 0
+        assert shim_main.start(parse_args(_args("start", id="app"))) == 0
     finally:
         listener.close()
     address = f"unix://{first.socket}"
@@ -273,7 +273,7 @@ def test_delete_kills_only_the_pods_own_qemu(
     stranger = _sleep(sleeper, "-name", "hako-000000000000")  # the pid was reused by someone else
     shim.record(qemu_pid=stranger.pid)
     monkeypatch.chdir(bundle)  # no -bundle: the bundle is the working directory
-    assert shim_main.delete(_parse(_args("delete", id="app"))) == 0
+    assert shim_main.delete(parse_args(_args("delete", id="app"))) == 0
     assert stranger.poll() is None
     assert not shim.dir.exists()
     assert shim_pb2.DeleteResponse.FromString(capsysbinary.readouterr().out).exit_status == KILLED
@@ -289,7 +289,7 @@ def test_delete_leaves_a_live_shim_alone(
     shim.socket.parent.mkdir(parents=True)
     listener = listen_unix(shim.socket)  # other containers of the pod are still served
     try:
-        assert shim_main.delete(_parse(_args("-bundle", str(bundle), "delete", id="app"))) == 0
+        assert shim_main.delete(parse_args(_args("-bundle", str(bundle), "delete", id="app"))) == 0
         assert shim.dir.is_dir() and shim.socket.exists()
     finally:
         listener.close()

@@ -37,6 +37,12 @@ def add_parsers(commands: Any) -> None:
         "--memory", metavar="SIZE", help="for `hako run --memory SIZE` (a VM of that size, its own pool)"
     )
     f.add_argument("--cpus", metavar="N", help="for `hako run --cpus N` (likewise)")
+    f.add_argument(
+        "--network",
+        choices=("bridge", "none"),
+        default="bridge",
+        help="for `hako run --network none` and containerd pods without a network namespace: none",
+    )
     f.add_argument("--refill", action="store_true", help=argparse.SUPPRESS)  # hako run's top-up
     f.add_argument("--shape", help=argparse.SUPPRESS)  # ... of the pool it took from
     f.set_defaults(func=fill)
@@ -82,7 +88,7 @@ def _shape(args: argparse.Namespace) -> pool.Shape:
             raise UsageError(str(exc)) from None
     memory = parse_memory(args.memory) if args.memory else None
     cpus = parse_cpus(args.cpus) if args.cpus else None
-    return pool.Shape(args.kernel, *vm_size(memory, cpus))
+    return pool.Shape(args.kernel, *vm_size(memory, cpus), args.network)
 
 
 def _add_one(shape: pool.Shape) -> SandboxState:
@@ -118,7 +124,7 @@ def _add_one(shape: pool.Shape) -> SandboxState:
         raise TemplateError("the pool holds VMs restored from a template, and there is none")
     state.template = config.template.name
     reserve(state)
-    pid, notify = fork_sandbox(state, config, pooled=True)
+    pid, notify = fork_sandbox(state, config, pooled=True, network=shape.network)
     try:
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
@@ -149,10 +155,10 @@ def list_pool(args: argparse.Namespace) -> int:
         status = "ready" if state in ready else str(state.effective_status())
         created = age(time.time() - state.created)
         memory = f"{state.memory_mib} MiB"
-        rows.append(
-            (state.short_id, state.kernel, memory, state.vcpus, state.template or "-", status, created)
-        )
-    print_table(("SANDBOX", "KERNEL", "MEMORY", "VCPUS", "TEMPLATE", "STATUS", "CREATED"), rows)
+        network = state.network or "bridge"
+        template = state.template or "-"
+        rows.append((state.short_id, state.kernel, memory, state.vcpus, network, template, status, created))
+    print_table(("SANDBOX", "KERNEL", "MEMORY", "VCPUS", "NETWORK", "TEMPLATE", "STATUS", "CREATED"), rows)
     return 0
 
 

@@ -162,9 +162,9 @@ def run(args: argparse.Namespace) -> int:
     )
     limits: dict[str, Any] = {"memory": memory, "cpus": cpus, "volumes": volumes}
     args.publish = ",".join(ports)
-    pooled = args.network == "bridge"  # pooled sandboxes are on the bridge
+    pooled = args.network in ("bridge", "none")  # pools keep sandboxes of these (not a joined netns)
     if config.template is not None and args.template == "auto" and not args.no_pool and pooled:
-        while (taken := pool.take(config.template.name)) is not None:
+        while (taken := pool.take(config.template.name, args.network)) is not None:
             args.startup = process_age()
             notify = _claim(args, taken)
             if notify is None:

@@ -23,4 +23,10 @@ def sandbox_dir(sandbox_id: str) -> Path:
     return sandboxes_dir() / sandbox_id
 
 
+def pool_file() -> Path:
+    """How many pooled sandboxes to keep, per shape (:mod:`hako.runtime.pool`); there is no
+    pool until it exists."""
+    return run_root() / "pool.json"
+
+
 API_SOCKET = "api.sock"  # in a sandbox's run dir: its daemon's API (hako.runtime.sandboxd)

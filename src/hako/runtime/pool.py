@@ -28,39 +28,42 @@ from pathlib import Path
 from hako.runtime import paths
 from hako.runtime.state import SandboxState, Status, all_states
 
-POOL_FILE = "pool.json"
 POOLED_MARK = "pooled"  # in the run dir while the sandbox waits in the pool
 CLAIMED_MARK = "claimed"
 
 
 @dataclass(frozen=True)
 class Shape:
-    """What a pool keeps: VMs of one kernel and one size, hence restored from one template.
-    (`hako run --memory/--cpus` gives a VM of another size: it takes from that size's pool.)"""
+    """What a pool keeps: VMs of one kernel and one size, hence restored from one template, on
+    one network mode. (`hako run --memory/--cpus` gives a VM of another size: it takes from that
+    size's pool. `hako run --network none`, and the containerd shim for a pod without a network
+    namespace of its own, take from a pool of ``none``.)"""
 
     kernel: str
     memory_mib: int
     vcpus: int
+    network: str = "bridge"
 
     @property
     def key(self) -> str:
-        return f"{self.kernel}/{self.memory_mib}M/{self.vcpus}"
+        key = f"{self.kernel}/{self.memory_mib}M/{self.vcpus}"
+        return key if self.network == "bridge" else f"{key}/{self.network}"
 
     @classmethod
     def parse(cls, key: str) -> Shape:
         """The shape a :attr:`key` names; ValueError if it names none."""
-        kernel, memory, vcpus = key.split("/")
-        if not kernel or not memory.endswith("M"):
+        kernel, memory, vcpus, *network = key.split("/")
+        if not kernel or not memory.endswith("M") or network not in ([], ["none"]):
             raise ValueError(f"not a pool shape: {key!r}")
-        return cls(kernel, int(memory[:-1]), int(vcpus))
+        return cls(kernel, int(memory[:-1]), int(vcpus), *network)
 
     @classmethod
     def of(cls, state: SandboxState) -> Shape:
-        return cls(state.kernel, state.memory_mib, state.vcpus)
+        return cls(state.kernel, state.memory_mib, state.vcpus, state.network or "bridge")
 
 
 def _file() -> Path:
-    return paths.run_root() / POOL_FILE
+    return paths.pool_file()
 
 
 def _sizes() -> dict[str, int]:
@@ -93,7 +96,7 @@ def set_wanted(shape: Shape, size: int) -> None:
     sizes = _sizes()
     sizes[shape.key] = size
     _file().parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = _file().with_name(f".{POOL_FILE}.{os.getpid()}")
+    tmp = _file().with_name(f".{_file().name}.{os.getpid()}")
     tmp.write_text(json.dumps(sizes))
     os.replace(tmp, _file())
 
@@ -109,15 +112,17 @@ def locked() -> Iterator[None]:
         yield
 
 
-def members(template: str | None = None) -> list[SandboxState]:
-    """Pooled sandboxes that can still be taken (of ``template``, if given): alive, unclaimed,
-    and of a template that still exists (one of changed inputs is gone: see :func:`stale`)."""
+def members(template: str | None = None, network: str | None = None) -> list[SandboxState]:
+    """Pooled sandboxes that can still be taken (of ``template`` and ``network``, if given):
+    alive, unclaimed, and of a template that still exists (one of changed inputs is gone: see
+    :func:`stale`)."""
     return [
         state
         for state in all_states()
         if state.status == Status.POOLED
         and state.daemon_alive()
         and (template is None or state.template == template)
+        and (network is None or (state.network or "bridge") == network)
         and (state.dir / POOLED_MARK).exists()
         and _template_exists(state)
     ]
@@ -139,11 +144,17 @@ def _template_exists(state: SandboxState) -> bool:
     return state.template is not None and (templates_dir() / state.template).is_dir()
 
 
-def take(template: str) -> SandboxState | None:
-    """A pooled sandbox of ``template``, now the caller's (None if the pool has none)."""
-    if not _file().exists():
+def filled() -> bool:
+    """Whether a pool was ever filled here (else there is no member to look for)."""
+    return _file().exists()
+
+
+def take(template: str, network: str = "bridge") -> SandboxState | None:
+    """A pooled sandbox of ``template`` on a ``network`` of that mode, now the caller's (None if
+    the pool has none)."""
+    if not filled():
         return None  # no pool was ever filled here: not worth reading every sandbox's state
-    for state in members(template):
+    for state in members(template, network):
         try:
             os.rename(state.dir / POOLED_MARK, state.dir / CLAIMED_MARK)
         except FileNotFoundError:

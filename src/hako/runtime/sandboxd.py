@@ -28,9 +28,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -46,10 +48,10 @@ from hako.runtime.config import SandboxConfig
 from hako.runtime.launch import notify
 from hako.runtime.output import STDERR, STDOUT, Channel, OutputLog
 from hako.runtime.paths import API_SOCKET
-from hako.runtime.pool import POOLED_MARK
+from hako.runtime.pool import CLAIMED_MARK, POOLED_MARK
 from hako.runtime.sandbox import Sandbox
 from hako.runtime.sockets import listen_unix
-from hako.runtime.state import SandboxState, Status, process_start_ticks
+from hako.runtime.state import STATE_FILE, SandboxState, Status, process_start_ticks
 from hako_api import agent_pb2 as pb
 from hako_api import daemon_pb2 as daemon_pb
 from hako_ttrpc import CallContext, Server, TtrpcError, codes
@@ -90,6 +92,8 @@ class SandboxDaemon:
         # In the warm pool: once ready, the VM is paused until a `hako run` claims it.
         self.pooled = pooled
         self.claimed = threading.Event()
+        self._taken_with: object = None  # what taking it from the pool made: a FIFO, a listener
+        self.adoption: daemon_pb.AdoptRequest | None = None  # a containerd shim's, once adopted
         self.notify_fd = -1
         self.sandbox = Sandbox(
             config, vm, warn=lambda message: self.log(f"warning: {message}"), network=network
@@ -121,6 +125,7 @@ class SandboxDaemon:
         s.register_method(SERVICE_NAME, "ReadStderr", pb.ReadStreamRequest, self.ReadStderr)
         s.register_method(SERVICE_NAME, "DestroySandbox", pb.DestroySandboxRequest, self.DestroySandbox)
         s.register_method(DAEMON_SERVICE, "Claim", daemon_pb.ClaimRequest, self.Claim)
+        s.register_method(DAEMON_SERVICE, "Adopt", daemon_pb.AdoptRequest, self.Adopt)
         s.set_fallback(self._forward)
 
     def log(self, message: str) -> None:
@@ -256,26 +261,15 @@ class SandboxDaemon:
         return pb.Empty()
 
     def Claim(self, request: daemon_pb.ClaimRequest, ctx: CallContext) -> daemon_pb.ClaimResponse:
-        with self._create_lock:
-            if not self.pooled or self.claimed.is_set() or self.state.status != Status.POOLED:
-                raise TtrpcError(codes.FAILED_PRECONDITION, "this sandbox is not waiting in the pool")
-            self.claimed.set()
-        started = time.monotonic()
-        try:
-            self.sandbox.vm.resume()
-            self.sandbox.renew_identity()
-            fd = os.open(request.notify_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except (HakoError, OSError) as exc:
-            self.log(f"claim failed: {exc}")
-            self._finish(125, error=f"the pooled sandbox failed: {exc}")
-            raise TtrpcError(codes.UNAVAILABLE, f"the pooled sandbox failed: {exc}") from exc
+        took = self._take_from_pool(
+            lambda: os.open(request.notify_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        )
+        fd = self._taken_with
+        assert isinstance(fd, int)
         os.set_blocking(fd, True)
         old, self.notify_fd = self.notify_fd, fd
         with contextlib.suppress(OSError):
             os.close(old)  # the filler's pipe, long since closed at its end
-        took = time.monotonic() - started
-        self.sandbox.timing.clear()  # restore and setup happened long ago, when the pool was filled
-        self.sandbox.timing["pool_take"] = took
         self.state.name = request.name
         self.state.auto_remove = request.auto_remove
         self.state.created = request.created
@@ -284,6 +278,36 @@ class SandboxDaemon:
         self.state.save()
         self.log(f"claimed as {request.name} in {took * 1000:.0f} ms")
         return daemon_pb.ClaimResponse(took=took)
+
+    def Adopt(self, request: daemon_pb.AdoptRequest, ctx: CallContext) -> daemon_pb.AdoptResponse:
+        """Become a containerd pod's shim: the main loop ends, and the process serves the Task
+        API with this sandbox as the pod's VM (:func:`hako.shim.pooled.serve_adopted`)."""
+        took = self._take_from_pool(lambda: listen_unix(Path(request.socket_path)))
+        self.adoption = request
+        self.log(f"adopted by containerd's shim for {request.bundle} in {took * 1000:.0f} ms")
+        self.wake.set()
+        return daemon_pb.AdoptResponse(took=took, qemu_pid=self.sandbox.vm.pid or 0)
+
+    def _take_from_pool(self, then: Callable[[], object]) -> float:
+        """Resume the pooled VM with the host's clock and fresh entropy, then ``then()`` (kept
+        in ``_taken_with``); seconds it took."""
+        with self._create_lock:
+            if not self.pooled or self.claimed.is_set() or self.state.status != Status.POOLED:
+                raise TtrpcError(codes.FAILED_PRECONDITION, "this sandbox is not waiting in the pool")
+            self.claimed.set()
+        started = time.monotonic()
+        try:
+            self.sandbox.vm.resume()
+            self.sandbox.renew_identity()
+            self._taken_with = then()
+        except (HakoError, OSError) as exc:
+            self.log(f"taking it from the pool failed: {exc}")
+            self._finish(125, error=f"the pooled sandbox failed: {exc}")
+            raise TtrpcError(codes.UNAVAILABLE, f"the pooled sandbox failed: {exc}") from exc
+        took = time.monotonic() - started
+        self.sandbox.timing.clear()  # restore and setup happened long ago, when the pool was filled
+        self.sandbox.timing["pool_take"] = took
+        return took
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
         # A handler runs on the main thread between two of its bytecodes, which may be inside a
@@ -396,6 +420,8 @@ class SandboxDaemon:
         signal.signal(signal.SIGTERM, self._on_sigterm)
         notify(self.notify_fd, {"serving": True})
         self._main_loop()
+        if self.adoption is not None:
+            return self._become_shim(self.adoption)
         # Stopping already: a SIGTERM now (the CLI giving up on us) has nothing left to ask for.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         self.server.shutdown()
@@ -417,12 +443,33 @@ class SandboxDaemon:
         """Nothing of this sandbox outlives it (--rm, or no container was ever created)."""
         return self.state.auto_remove or not self.created.is_set()
 
+    def _become_shim(self, request: daemon_pb.AdoptRequest) -> int:
+        """Hand the sandbox to the containerd shim this process becomes; its state goes (the pod
+        is containerd's now, not a `hako run` container), its run dir goes with the pod."""
+        from hako.shim.pooled import serve_adopted
+
+        listener = self._taken_with
+        assert isinstance(listener, socket.socket)
+        deadline = time.monotonic() + 5.0  # the shim's start reads the answer, then hangs up
+        while self.server.connection_count and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self.server.shutdown()
+        for name in (API_SOCKET, STATE_FILE, CLAIMED_MARK):
+            with contextlib.suppress(OSError):
+                (self.run_dir / name).unlink()
+        with contextlib.suppress(OSError):
+            os.close(self.notify_fd)
+        self.log_file.close()
+        return serve_adopted(request, listener, self.sandbox, self.run_dir)
+
     def _main_loop(self) -> None:
         idle_since = time.monotonic()
         give_up_at: float | None = None
         while True:
             self.wake.wait(1.0)
             self.wake.clear()
+            if self.adoption is not None:
+                return
             if self.exited.is_set():
                 # Let attached clients drain the output (unless told to stop: a container that
                 # still runs has more to say), then stop once they have left.

@@ -16,6 +16,7 @@ config as ``[...runtimes.hako.options] ConfigPath = "..."``), then
     debug = false           # verbose guest agent log
     boot_timeout = 60       # seconds
     template = "auto"       # restore VMs from a template: "auto" (pages shared), "private", "off"
+    pool = true             # take a pod's VM from the warm pool (hako pool fill --network none)
 """
 
 from __future__ import annotations
@@ -45,12 +46,13 @@ class ShimConfig:
     debug: bool = False
     boot_timeout: float = 60.0
     template: str = "auto"
+    pool: bool = True
     source: str = "defaults"  # where it was read from, for the log
 
 
 _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "hypervisor": {"kernel": str, "image": str, "memory_mib": int, "vcpus": int, "accel": str},
-    "runtime": {"debug": bool, "boot_timeout": (int, float), "template": str},
+    "runtime": {"debug": bool, "boot_timeout": (int, float), "template": str, "pool": bool},
 }
 _CHOICES = {
     "kernel": ("trimmed", "debian"),

@@ -68,7 +68,17 @@ def prepare(
     """The pod's VM as ``cfg`` describes it (restored from its template if there is one), and
     the network namespace ``netns_path`` it runs in, joined (None without one: an empty one of
     its own)."""
-    config = SandboxConfig(
+    config = sandbox_config(pod_id, state_dir, cfg, hostname)
+    config = templates.for_sandbox(config, cfg.template, warn=log, announce=log)
+    if not netns_path:
+        return config, None
+    network = SandboxNetwork.join(pod_id, netns_path)
+    return config.in_network(network), network
+
+
+def sandbox_config(pod_id: str, state_dir: Path, cfg: shim_config.ShimConfig, hostname: str) -> SandboxConfig:
+    """The pod's VM as ``cfg`` describes it, before a template or a network is chosen."""
+    return SandboxConfig(
         sandbox_id=pod_id,
         hostname=hostname or pod_id[:12],
         kernel=assets.kernel(cfg.kernel),
@@ -80,11 +90,6 @@ def prepare(
         debug=cfg.debug,
         boot_timeout=cfg.boot_timeout,
     )
-    config = templates.for_sandbox(config, cfg.template, warn=log, announce=log)
-    if not netns_path:
-        return config, None
-    network = SandboxNetwork.join(pod_id, netns_path)
-    return config.in_network(network), network
 
 
 def launch(pod_id: str, state_dir: Path, bundle: Path, options: bytes) -> EarlyVM | None:

@@ -37,7 +37,7 @@ SOCKETS = Path("/run/hako/s")  # short: containerd dials this path, and sun_path
 KILLED = 128 + signal.SIGKILL
 
 
-def _parse(argv: list[str]) -> argparse.Namespace:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="containerd-shim-hako-v2", add_help=False)
     for flag in ("-namespace", "-address", "-publish-binary", "-id", "-bundle", "-socket"):
         parser.add_argument(flag, default="")
@@ -45,6 +45,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("-v", "-version", dest="version", action="store_true")
     parser.add_argument("action", nargs="?", default="")
     args, _ = parser.parse_known_args(argv)
+    args.argv = list(argv)  # as given: a pooled sandbox that becomes the shim parses it again
     return args
 
 
@@ -101,6 +102,11 @@ def start(args: argparse.Namespace) -> int:
         if not shim.alive():
             with contextlib.suppress(FileNotFoundError):
                 shim.socket.unlink()
+            if paths.pool_file().exists():  # a pool was filled here (else nothing to import)
+                from hako.shim import pooled
+
+                if pooled.take(args, shim, bundle, options):  # a pooled sandbox's daemon serves it
+                    return _print_address(shim, bundle)
             listener = listen_unix(shim.socket)
             pid = os.fork()
             if pid == 0:
@@ -108,6 +114,10 @@ def start(args: argparse.Namespace) -> int:
                 _serve_forked(args, shim, bundle, listener, options)
             listener.close()
             shim.record(shim_pid=pid, group=shim.group, namespace=args.namespace)
+    return _print_address(shim, bundle)
+
+
+def _print_address(shim: Shim, bundle: Path) -> int:
     address = f"unix://{shim.socket}"
     # containerd reads the bundle's ``address`` when it restarts, to reconnect to its shims
     tmp = bundle / ".address"
@@ -160,10 +170,14 @@ def delete(args: argparse.Namespace) -> int:
     if not shim.alive():
         state = shim.read()
         qemu = state.get("qemu_pid")
-        if isinstance(qemu, int):
+        name = state.get("qemu_name") or f"hako-{shim.pod_id[:12]}"  # the pool's VMs have their own
+        if isinstance(qemu, int) and isinstance(name, str):
             with contextlib.suppress(OSError):
-                if f"hako-{shim.pod_id[:12]}".encode() in Path(f"/proc/{qemu}/cmdline").read_bytes():
+                if name.encode() in Path(f"/proc/{qemu}/cmdline").read_bytes():
                     os.kill(qemu, signal.SIGKILL)
+        vm_dir = state.get("vm_dir")  # a VM taken from the pool kept its sandbox's run dir
+        if isinstance(vm_dir, str) and Path(vm_dir).parent == paths.sandboxes_dir():
+            shutil.rmtree(vm_dir, ignore_errors=True)
         shutil.rmtree(shim.dir, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             shim.socket.unlink()
@@ -179,7 +193,7 @@ def delete(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
-    args = _parse(sys.argv[1:] if argv is None else argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.version:
         import hako
 

@@ -34,6 +34,7 @@ from hako.runtime.sandbox import Sandbox
 from hako.shim import config as shim_config
 from hako.shim.early import EarlyVM, network_namespace, prepare
 from hako.shim.events import Publisher
+from hako.shim.pooled import PooledVM
 from hako.shim.stdio import Log, ProcessIO, check_uri
 from hako_api import agent_pb2
 
@@ -111,10 +112,11 @@ class Pod:
         events: Publisher,
         log: Log,
         on_vm: Callable[[int | None], None] = lambda pid: None,
-        early: EarlyVM | None = None,
+        early: EarlyVM | PooledVM | None = None,
     ) -> None:
-        """``early``: the pod's VM, launched as the shim started (:mod:`hako.shim.early`); the
-        first container takes it if it wants that VM."""
+        """``early``: the pod's VM, launched as the shim started (:mod:`hako.shim.early`) or
+        taken from the warm pool (:mod:`hako.shim.pooled`); the first container takes it if it
+        wants that VM."""
         self.pod_id = pod_id
         self.state_dir = state_dir
         self.events = events
@@ -143,6 +145,14 @@ class Pod:
                 self.log("the VM launched early is not the one the pod's first container asks for")
                 early.discard()
                 early = None
+        if isinstance(early, PooledVM):
+            sandbox = early.sandbox
+            sandbox.warn = self.log
+            if sandbox.dead.is_set():
+                raise ContainerError(f"the pod's VM is dead: {sandbox.death_reason}")
+            self.sandbox = sandbox
+            self._on_vm(sandbox.vm.pid)
+            return sandbox
         if early is not None:
             cfg, config, network = early.settings, early.config, early.network
             sandbox = Sandbox(config, early.vm, warn=self.log, network=network)

@@ -17,6 +17,7 @@ from hako.shim.early import EarlyVM
 from hako.shim.events import Publisher
 from hako.shim.main import Shim
 from hako.shim.pod import Pod
+from hako.shim.pooled import PooledVM
 from hako.shim.service import SERVICE, TaskService
 from hako_ttrpc import Server
 
@@ -44,10 +45,14 @@ class ShimLog:
 
 
 def serve(
-    args: argparse.Namespace, shim: Shim, bundle: Path, listener: socket.socket, early: EarlyVM | None
+    args: argparse.Namespace,
+    shim: Shim,
+    bundle: Path,
+    listener: socket.socket,
+    early: EarlyVM | PooledVM | None,
 ) -> None:
     """Serve containerd's Task API for the pod (in the shim's own mount namespace, entered by
-    the caller), with ``early`` the pod's VM if it was launched already."""
+    the caller), with ``early`` the pod's VM if it was launched already, or taken from the pool."""
     log = ShimLog(shim.dir / "shim.log", bundle / "log", args.debug)
     address = os.environ.get("TTRPC_ADDRESS") or f"{args.address}.ttrpc"
     events = Publisher(address, args.namespace, log)
