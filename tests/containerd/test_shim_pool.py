@@ -78,3 +78,21 @@ def test_a_pod_with_the_pool_turned_off_restores_its_own(ctr: Ctr, pool: Contain
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() != member
     assert _ready(pool) == [member]
+
+
+def test_a_pod_that_asks_for_another_vm_leaves_the_pooled_one(
+    ctr: Ctr, pool: Containerd, tmp_path: Path
+) -> None:
+    """Same kernel and size, but a debug guest is another template: the pooled sandbox refuses
+    the pod and stays in the pool; the pod restores a VM of its own."""
+    [member] = _ready(pool)
+    config = tmp_path / "hako.toml"
+    config.write_text("[runtime]\ndebug = true\n")
+    result = ctr.run(
+        HAKO, unique_id("debug"), "hostname", options=["--runtime-config-path", str(config)], timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() != member
+    assert _ready(pool) == [member]
+    [run_dir] = [p for p in (pool.paths.hako_run / "sandboxes").iterdir() if p.name.startswith(member)]
+    assert "refused the containerd pod" in (run_dir / "daemon.log").read_text()

@@ -25,7 +25,12 @@ def roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _pooled(
-    template: str = "tpl-a", *, alive: bool = True, marked: bool = True, memory_mib: int = 256
+    template: str = "tpl-a",
+    *,
+    alive: bool = True,
+    marked: bool = True,
+    memory_mib: int = 256,
+    network: str = "bridge",
 ) -> SandboxState:
     sandbox_id = new_id()
     state = SandboxState(
@@ -41,6 +46,7 @@ def _pooled(
         vcpus=1,
         status=Status.POOLED,
         template=template,
+        network=network,
         # a live process stands in for the daemon; a pid that cannot exist for a dead one
         daemon_pid=os.getpid() if alive else 2**22 + 1,
         daemon_start_ticks=process_start_ticks(os.getpid()),
@@ -72,6 +78,16 @@ def test_take_is_once(roots: Path) -> None:
     assert pool.take("tpl-b") is None
 
 
+def test_take_is_of_the_network_and_shape_asked_for(roots: Path) -> None:
+    pool.set_wanted(STANDARD, 1)
+    bridged, bigger = _pooled(), _pooled(memory_mib=512, network="none")
+    unnetworked = _pooled(network="none")
+    assert pool.take("tpl-a", "none", pool.Shape("trimmed", 256, 1, "none")) == unnetworked
+    assert pool.take(None, "none", pool.Shape("trimmed", 256, 1, "none")) is None
+    assert pool.take(None, "none") == bigger  # any shape
+    assert pool.take("tpl-a") == bridged  # hako run's default: the bridge
+
+
 def test_stale_members_are_the_dead_and_those_of_removed_templates(roots: Path) -> None:
     ready = _pooled()
     dead = _pooled(alive=False)
@@ -98,7 +114,10 @@ def test_shape_keys_round_trip() -> None:
     shape = pool.Shape("trimmed", 768, 4)
     assert shape.key == "trimmed/768M/4"
     assert pool.Shape.parse(shape.key) == shape
-    for bad in ("trimmed", "trimmed/768/4", "/256M/1", "trimmed/256M/x"):
+    unnetworked = pool.Shape("trimmed", 256, 1, "none")  # for --network none and containerd pods
+    assert unnetworked.key == "trimmed/256M/1/none" and pool.Shape.parse(unnetworked.key) == unnetworked
+    assert pool.Shape.parse("trimmed/256M/1") == STANDARD and STANDARD.network == "bridge"
+    for bad in ("trimmed", "trimmed/768/4", "/256M/1", "trimmed/256M/x", "trimmed/256M/1/ns:x"):
         with pytest.raises(ValueError):
             pool.Shape.parse(bad)
 
@@ -133,7 +152,7 @@ def test_fill_preloads_the_daemon_once_before_its_first_fork(monkeypatch: pytest
 
     events: list[str] = []
     monkeypatch.setattr(pool_cli, "require_root", lambda command: None)
-    monkeypatch.setattr(launch, "preload_daemon", lambda: events.append("preload"))
+    monkeypatch.setattr(launch, "preload_daemon", lambda shim=False: events.append("preload"))
 
     def add_one(shape: pool.Shape) -> SandboxState:
         events.append("fork")
@@ -157,5 +176,8 @@ def test_preload_daemon_imports_what_the_daemon_runs_on() -> None:
         "assert not any(name in sys.modules for name in daemon)\n"
         "preload_daemon()\n"
         "assert all(name in sys.modules for name in daemon)\n"
+        "assert 'hako.shim.serve' not in sys.modules\n"
+        "preload_daemon(shim=True)\n"  # a pool of `none`: its daemons may become a pod's shim
+        "assert 'hako.shim.serve' in sys.modules and 'hako.shim.pooled' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True)

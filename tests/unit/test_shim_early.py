@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from hako.shim import config as shim_config
-from hako.shim import early as early_module
 from hako.shim import pod as pod_module
 from hako.shim.pod import Pod
 from tests.unit.shim_fakes import RecordingPublisher
@@ -109,6 +108,6 @@ def test_a_shim_closed_before_any_create_stops_the_early_vm(tmp_path: Path, made
 
 def test_the_network_namespace_a_spec_joins() -> None:
     spec = {"linux": {"namespaces": [{"type": "pid"}, {"type": "network", "path": "/run/netns/x"}]}}
-    assert early_module.network_namespace(spec) == "/run/netns/x"
-    assert early_module.network_namespace({"linux": {"namespaces": [{"type": "network"}]}}) == ""
-    assert early_module.network_namespace({}) == ""
+    assert shim_config.network_namespace(spec) == "/run/netns/x"
+    assert shim_config.network_namespace({"linux": {"namespaces": [{"type": "network"}]}}) == ""
+    assert shim_config.network_namespace({}) == ""

@@ -279,6 +279,27 @@ def test_delete_kills_only_the_pods_own_qemu(
     assert shim_pb2.DeleteResponse.FromString(capsysbinary.readouterr().out).exit_status == KILLED
 
 
+def test_delete_cleans_up_after_a_dead_shim_that_took_its_vm_from_the_pool(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsysbinary: pytest.CaptureFixture[bytes],
+    sleeper: list[subprocess.Popen[bytes]],
+) -> None:
+    """The pooled sandbox's QEMU has the pooled sandbox's name, and its run dir is its own."""
+    monkeypatch.setattr(mounts, "umount", lambda target: None)
+    bundle = _bundle(tmp_path, "app", _in_pod("pod-a"))
+    shim = Shim(ADDRESS, "k8s.io", "pod-a")
+    shim.dir.mkdir(parents=True)
+    vm_dir = paths.sandboxes_dir() / ("a" * 64)
+    vm_dir.mkdir(parents=True)
+    qemu = _sleep(sleeper, "-name", "hako-aaaaaaaaaaaa")
+    shim.record(qemu_pid=qemu.pid, qemu_name="hako-aaaaaaaaaaaa", vm_dir=str(vm_dir))
+    assert shim_main.delete(parse_args(_args("-bundle", str(bundle), "delete", id="app"))) == 0
+    assert qemu.wait(5) == -9
+    assert not vm_dir.exists() and not shim.dir.exists()
+    assert shim_pb2.DeleteResponse.FromString(capsysbinary.readouterr().out).exit_status == KILLED
+
+
 def test_delete_leaves_a_live_shim_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsysbinary: pytest.CaptureFixture[bytes]
 ) -> None:

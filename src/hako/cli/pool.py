@@ -73,7 +73,8 @@ def fill(args: argparse.Namespace) -> int:
             if len(have) >= pool.wanted(shape):  # drained meanwhile: wanted is 0
                 break
             if not preloaded:
-                preload_daemon()  # the daemons this fill forks share what they import
+                # the daemons this fill forks share what they import
+                preload_daemon(shim=shape.network == pool.SHIM_NETWORK)
                 preloaded = True
             state = _add_one(shape)
             print(state.short_id)

@@ -38,31 +38,3 @@ def claim(client: AgentClient, name: str, *, auto_remove: bool, notify_path: Pat
     except TtrpcError as exc:
         raise translate(exc, "Claim") from exc
     return float(response.took)
-
-
-def adopt(
-    client: AgentClient,
-    shim_args: list[str],
-    bundle: Path,
-    ttrpc_address: str,
-    socket_path: Path,
-    options: bytes,
-) -> tuple[float, int]:
-    """Have a pooled sandbox's daemon become a containerd pod's shim (see
-    :mod:`hako.shim.pooled`); returns how long its VM took to resume, and its QEMU's pid."""
-    from hako_api import daemon_pb2
-    from hako_ttrpc import TtrpcError
-
-    service = daemon_pb2.DESCRIPTOR.services_by_name["Daemon"].full_name
-    request = daemon_pb2.AdoptRequest(
-        shim_args=shim_args,
-        bundle=str(bundle),
-        ttrpc_address=ttrpc_address,
-        socket_path=str(socket_path),
-        options=options,
-    )
-    try:
-        response = client.client.call(service, "Adopt", request, daemon_pb2.AdoptResponse, timeout=30)
-    except TtrpcError as exc:
-        raise translate(exc, "Adopt") from exc
-    return float(response.took), int(response.qemu_pid)

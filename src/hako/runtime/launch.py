@@ -66,8 +66,9 @@ def notify(fd: int, message: Mapping[str, Any]) -> None:
         os.write(fd, json.dumps(message).encode() + b"\n")
 
 
-def preload_daemon() -> None:
-    """Before forking several daemons (a pool fill): import what a daemon runs on.
+def preload_daemon(*, shim: bool = False) -> None:
+    """Before forking several daemons (a pool fill): import what a daemon runs on, and with
+    ``shim`` what it runs on once it becomes a containerd pod's shim (:mod:`hako.shim.pooled`).
 
     Each forked daemon then shares those pages with its siblings, copy-on-write, instead of
     importing its own copy of protobuf, asyncio and the runtime after the fork. Measured with
@@ -78,6 +79,9 @@ def preload_daemon() -> None:
     from hako.image import disk  # noqa: F401  (a claimed sandbox attaches its rootfs)
     from hako.network import sandbox  # noqa: F401
     from hako.runtime import mounts, sandboxd  # noqa: F401
+
+    if shim:
+        from hako.shim import pooled, serve  # noqa: F401
 
 
 def fork_sandbox(

@@ -30,3 +30,4 @@ def pool_file() -> Path:
 
 
 API_SOCKET = "api.sock"  # in a sandbox's run dir: its daemon's API (hako.runtime.sandboxd)
+ADOPT_SOCKET = "adopt.sock"  # ... and, pooled, where a containerd shim hands it a pod (hako.shim.pooled)

@@ -28,6 +28,7 @@ from pathlib import Path
 from hako.runtime import paths
 from hako.runtime.state import SandboxState, Status, all_states
 
+SHIM_NETWORK = "none"  # what a containerd pod without a network namespace takes (hako.shim.pooled)
 POOLED_MARK = "pooled"  # in the run dir while the sandbox waits in the pool
 CLAIMED_MARK = "claimed"
 
@@ -149,12 +150,14 @@ def filled() -> bool:
     return _file().exists()
 
 
-def take(template: str, network: str = "bridge") -> SandboxState | None:
-    """A pooled sandbox of ``template`` on a ``network`` of that mode, now the caller's (None if
-    the pool has none)."""
+def take(template: str | None, network: str = "bridge", shape: Shape | None = None) -> SandboxState | None:
+    """A pooled sandbox of ``template`` (and ``shape``, if given) on a ``network`` of that mode,
+    now the caller's (None if the pool has none)."""
     if not filled():
         return None  # no pool was ever filled here: not worth reading every sandbox's state
     for state in members(template, network):
+        if shape is not None and Shape.of(state) != shape:
+            continue
         try:
             os.rename(state.dir / POOLED_MARK, state.dir / CLAIMED_MARK)
         except FileNotFoundError:

@@ -32,10 +32,9 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from google.protobuf.any_pb2 import Any as AnyPb
 
@@ -47,8 +46,8 @@ from hako.runtime.agent import SERVICE_NAME
 from hako.runtime.config import SandboxConfig
 from hako.runtime.launch import notify
 from hako.runtime.output import STDERR, STDOUT, Channel, OutputLog
-from hako.runtime.paths import API_SOCKET
-from hako.runtime.pool import CLAIMED_MARK, POOLED_MARK
+from hako.runtime.paths import ADOPT_SOCKET, API_SOCKET
+from hako.runtime.pool import CLAIMED_MARK, POOLED_MARK, SHIM_NETWORK
 from hako.runtime.sandbox import Sandbox
 from hako.runtime.sockets import listen_unix
 from hako.runtime.state import STATE_FILE, SandboxState, Status, process_start_ticks
@@ -56,12 +55,16 @@ from hako_api import agent_pb2 as pb
 from hako_api import daemon_pb2 as daemon_pb
 from hako_ttrpc import CallContext, Server, TtrpcError, codes
 
+if TYPE_CHECKING:
+    from hako.shim.pooled import Adoption
+
 DAEMON_SERVICE = daemon_pb.DESCRIPTOR.services_by_name["Daemon"].full_name
 ATTACH_KEY = "hako-attach"
 IMAGE_KEY = "hako-image"
 DISK_KEY = "hako-disk"  # the image as an ext4 disk image: the rootfs goes on a block device
 PUBLISH_KEY = "hako-publish"  # host ports to forward to the sandbox: HOST:CTR/PROTO,...
 IDLE_TIMEOUT = 300.0  # a sandbox whose container nobody creates or starts is given up after this
+REFILL_DELAY = 2.0  # seconds after a containerd pod took a pooled sandbox, the pool refills
 
 
 def status_of(exc: HakoError) -> TtrpcError:
@@ -92,8 +95,8 @@ class SandboxDaemon:
         # In the warm pool: once ready, the VM is paused until a `hako run` claims it.
         self.pooled = pooled
         self.claimed = threading.Event()
-        self._taken_with: object = None  # what taking it from the pool made: a FIFO, a listener
-        self.adoption: daemon_pb.AdoptRequest | None = None  # a containerd shim's, once adopted
+        # A containerd pod's, with its socket, once its shim's start handed it over.
+        self.adoption: tuple[Adoption, socket.socket] | None = None
         self.notify_fd = -1
         self.sandbox = Sandbox(
             config, vm, warn=lambda message: self.log(f"warning: {message}"), network=network
@@ -125,7 +128,6 @@ class SandboxDaemon:
         s.register_method(SERVICE_NAME, "ReadStderr", pb.ReadStreamRequest, self.ReadStderr)
         s.register_method(SERVICE_NAME, "DestroySandbox", pb.DestroySandboxRequest, self.DestroySandbox)
         s.register_method(DAEMON_SERVICE, "Claim", daemon_pb.ClaimRequest, self.Claim)
-        s.register_method(DAEMON_SERVICE, "Adopt", daemon_pb.AdoptRequest, self.Adopt)
         s.set_fallback(self._forward)
 
     def log(self, message: str) -> None:
@@ -261,11 +263,11 @@ class SandboxDaemon:
         return pb.Empty()
 
     def Claim(self, request: daemon_pb.ClaimRequest, ctx: CallContext) -> daemon_pb.ClaimResponse:
-        took = self._take_from_pool(
-            lambda: os.open(request.notify_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        )
-        fd = self._taken_with
-        assert isinstance(fd, int)
+        took = self._take_from_pool()
+        try:
+            fd = os.open(request.notify_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            self._pool_take_failed(exc)
         os.set_blocking(fd, True)
         old, self.notify_fd = self.notify_fd, fd
         with contextlib.suppress(OSError):
@@ -279,18 +281,8 @@ class SandboxDaemon:
         self.log(f"claimed as {request.name} in {took * 1000:.0f} ms")
         return daemon_pb.ClaimResponse(took=took)
 
-    def Adopt(self, request: daemon_pb.AdoptRequest, ctx: CallContext) -> daemon_pb.AdoptResponse:
-        """Become a containerd pod's shim: the main loop ends, and the process serves the Task
-        API with this sandbox as the pod's VM (:func:`hako.shim.pooled.serve_adopted`)."""
-        took = self._take_from_pool(lambda: listen_unix(Path(request.socket_path)))
-        self.adoption = request
-        self.log(f"adopted by containerd's shim for {request.bundle} in {took * 1000:.0f} ms")
-        self.wake.set()
-        return daemon_pb.AdoptResponse(took=took, qemu_pid=self.sandbox.vm.pid or 0)
-
-    def _take_from_pool(self, then: Callable[[], object]) -> float:
-        """Resume the pooled VM with the host's clock and fresh entropy, then ``then()`` (kept
-        in ``_taken_with``); seconds it took."""
+    def _take_from_pool(self) -> float:
+        """Resume the pooled VM with the host's clock and fresh entropy; seconds it took."""
         with self._create_lock:
             if not self.pooled or self.claimed.is_set() or self.state.status != Status.POOLED:
                 raise TtrpcError(codes.FAILED_PRECONDITION, "this sandbox is not waiting in the pool")
@@ -299,15 +291,17 @@ class SandboxDaemon:
         try:
             self.sandbox.vm.resume()
             self.sandbox.renew_identity()
-            self._taken_with = then()
-        except (HakoError, OSError) as exc:
-            self.log(f"taking it from the pool failed: {exc}")
-            self._finish(125, error=f"the pooled sandbox failed: {exc}")
-            raise TtrpcError(codes.UNAVAILABLE, f"the pooled sandbox failed: {exc}") from exc
+        except HakoError as exc:
+            self._pool_take_failed(exc)
         took = time.monotonic() - started
         self.sandbox.timing.clear()  # restore and setup happened long ago, when the pool was filled
         self.sandbox.timing["pool_take"] = took
         return took
+
+    def _pool_take_failed(self, exc: Exception) -> NoReturn:
+        self.log(f"taking it from the pool failed: {exc}")
+        self._finish(125, error=f"the pooled sandbox failed: {exc}")
+        raise TtrpcError(codes.UNAVAILABLE, f"the pooled sandbox failed: {exc}") from exc
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
         # A handler runs on the main thread between two of its bytecodes, which may be inside a
@@ -418,10 +412,13 @@ class SandboxDaemon:
         threading.Thread(target=self._boot, daemon=True, name="boot").start()
         threading.Thread(target=self.server.serve_listener, args=(listener,), daemon=True).start()
         signal.signal(signal.SIGTERM, self._on_sigterm)
+        if self.pooled and network is not None and network.mode == SHIM_NETWORK:
+            adopt = listen_unix(self.run_dir / ADOPT_SOCKET)
+            threading.Thread(target=self._await_adoption, args=(adopt,), daemon=True, name="adopt").start()
         notify(self.notify_fd, {"serving": True})
         self._main_loop()
         if self.adoption is not None:
-            return self._become_shim(self.adoption)
+            return self._become_shim(*self.adoption)
         # Stopping already: a SIGTERM now (the CLI giving up on us) has nothing left to ask for.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         self.server.shutdown()
@@ -443,24 +440,83 @@ class SandboxDaemon:
         """Nothing of this sandbox outlives it (--rm, or no container was ever created)."""
         return self.state.auto_remove or not self.created.is_set()
 
-    def _become_shim(self, request: daemon_pb.AdoptRequest) -> int:
+    def _await_adoption(self, adopt: socket.socket) -> None:
+        """Wait for a containerd shim's start to hand this sandbox a pod (:mod:`hako.shim.pooled`):
+        the VM resumes, the main loop ends, and this process becomes the pod's shim."""
+        with adopt:
+            while not self.exited.is_set():
+                try:
+                    conn, _ = adopt.accept()
+                except OSError:
+                    return
+                with conn:
+                    if self._adopt(conn):
+                        self.wake.set()
+                        return
+
+    def _adopt(self, conn: socket.socket) -> bool:
+        """One hand-over: whether the pod on ``conn`` now has this sandbox. A pod that asks for
+        another VM (its config gives another template) is refused, and the sandbox stays pooled."""
+        from hako.shim import pooled
+
+        try:
+            adoption, listener = pooled.receive(conn)
+        except (OSError, ValueError, TypeError, HakoError) as exc:
+            self.log(f"a bad adoption: {exc}")
+            return False
+        try:
+            wanted = pooled.template_of(adoption)
+        except HakoError as exc:
+            wanted = f"none ({exc})"
+        if wanted != self.state.template:
+            listener.close()
+            with contextlib.suppress(OSError):  # back in the pool
+                os.rename(self.run_dir / CLAIMED_MARK, self.run_dir / POOLED_MARK)
+            self.log(f"refused the containerd pod of {adoption.bundle}: it asks for template {wanted}")
+            pooled.answer(conn, error=f"the pod asks for template {wanted}", refused=True)
+            return False
+        try:
+            took = self._take_from_pool()
+        except TtrpcError as exc:  # the VM failed: this daemon is finishing
+            listener.close()
+            pooled.answer(conn, error=exc.message)
+            return False
+        self.adoption = (adoption, listener)
+        self.log(f"adopted by the containerd pod of {adoption.bundle} in {took * 1000:.0f} ms")
+        pooled.answer(conn, qemu_pid=self.sandbox.vm.pid or 0, took=took)
+        return True
+
+    def _become_shim(self, adoption: Adoption, listener: socket.socket) -> int:
         """Hand the sandbox to the containerd shim this process becomes; its state goes (the pod
         is containerd's now, not a `hako run` container), its run dir goes with the pod."""
+        from hako.runtime.pool import Shape, refill_in_background
         from hako.shim.pooled import serve_adopted
 
-        listener = self._taken_with
-        assert isinstance(listener, socket.socket)
-        deadline = time.monotonic() + 5.0  # the shim's start reads the answer, then hangs up
-        while self.server.connection_count and time.monotonic() < deadline:
-            time.sleep(0.005)
         self.server.shutdown()
-        for name in (API_SOCKET, STATE_FILE, CLAIMED_MARK):
+
+        for name in (API_SOCKET, ADOPT_SOCKET, STATE_FILE, CLAIMED_MARK):
             with contextlib.suppress(OSError):
                 (self.run_dir / name).unlink()
         with contextlib.suppress(OSError):
             os.close(self.notify_fd)
         self.log_file.close()
-        return serve_adopted(request, listener, self.sandbox, self.run_dir)
+        # The pool's refill, once the pod's first container has had the CPU for a while (or as
+        # the pod ends, if that is sooner).
+        shape, refilled = Shape.of(self.state), threading.Event()
+
+        def refill_once() -> None:
+            if not refilled.is_set():  # (two at once would do no harm: a fill tops up)
+                refilled.set()
+                refill_in_background(shape)
+
+        timer = threading.Timer(REFILL_DELAY, refill_once)
+        timer.daemon = True
+        timer.start()
+        try:
+            return serve_adopted(adoption, listener, self.sandbox, self.run_dir)
+        finally:
+            timer.cancel()
+            refill_once()
 
     def _main_loop(self) -> None:
         idle_since = time.monotonic()

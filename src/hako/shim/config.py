@@ -123,3 +123,12 @@ def config_path_of(data: bytes) -> str | None:
     from google.protobuf.any_pb2 import Any as AnyPb
 
     return config_path(AnyPb.FromString(data)) if data else None
+
+
+def network_namespace(spec: dict[str, Any]) -> str:
+    """The path of the network namespace a container's ``spec`` joins ("" if it makes a new one
+    or has none): the pod's, whose VM then runs in it."""
+    for namespace in spec.get("linux", {}).get("namespaces", []):
+        if namespace.get("type") == "network":
+            return str(namespace.get("path") or "")
+    return ""

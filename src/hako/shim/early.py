@@ -17,7 +17,6 @@ import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from hako import assets
 from hako.hypervisor import choose
@@ -47,14 +46,6 @@ class EarlyVM:
         self.vm.stop()
         if self.network is not None:
             self.network.close()
-
-
-def network_namespace(spec: dict[str, Any]) -> str:
-    """The path of the network namespace ``spec`` joins ("" if it makes a new one or has none)."""
-    for namespace in spec.get("linux", {}).get("namespaces", []):
-        if namespace.get("type") == "network":
-            return str(namespace.get("path") or "")
-    return ""
 
 
 def prepare(
@@ -101,7 +92,7 @@ def launch(pod_id: str, state_dir: Path, bundle: Path, options: bytes) -> EarlyV
         spec = json.loads((bundle / "config.json").read_text())
         path = shim_config.config_path_of(options)
         hostname = str(spec.get("hostname", ""))
-        netns_path = network_namespace(spec)
+        netns_path = shim_config.network_namespace(spec)
         cfg = shim_config.load(path)
         config, network = prepare(pod_id, state_dir, cfg, hostname, netns_path, notes.append)
         config.prepare_host()

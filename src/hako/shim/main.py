@@ -102,22 +102,14 @@ def start(args: argparse.Namespace) -> int:
         if not shim.alive():
             with contextlib.suppress(FileNotFoundError):
                 shim.socket.unlink()
-            if paths.pool_file().exists():  # a pool was filled here (else nothing to import)
-                from hako.shim import pooled
-
-                if pooled.take(args, shim, bundle, options):  # a pooled sandbox's daemon serves it
-                    return _print_address(shim, bundle)
             listener = listen_unix(shim.socket)
-            pid = os.fork()
-            if pid == 0:
-                lock.close()  # the lock is the open file's: a child holding it would hold it forever
-                _serve_forked(args, shim, bundle, listener, options)
+            if not _pooled(args, shim, bundle, options, listener):
+                pid = os.fork()
+                if pid == 0:
+                    lock.close()  # the lock is the open file's: a child holding it would hold it forever
+                    _serve_forked(args, shim, bundle, listener, options)
+                shim.record(shim_pid=pid, group=shim.group, namespace=args.namespace)
             listener.close()
-            shim.record(shim_pid=pid, group=shim.group, namespace=args.namespace)
-    return _print_address(shim, bundle)
-
-
-def _print_address(shim: Shim, bundle: Path) -> int:
     address = f"unix://{shim.socket}"
     # containerd reads the bundle's ``address`` when it restarts, to reconnect to its shims
     tmp = bundle / ".address"
@@ -125,6 +117,18 @@ def _print_address(shim: Shim, bundle: Path) -> int:
     os.replace(tmp, bundle / "address")
     print(address, flush=True)
     return 0
+
+
+def _pooled(
+    args: argparse.Namespace, shim: Shim, bundle: Path, options: bytes, listener: socket.socket
+) -> bool:
+    """Whether a sandbox from the warm pool now serves the pod on ``listener`` (its daemon
+    became the pod's shim: :mod:`hako.shim.pooled`)."""
+    if not paths.pool_file().exists():
+        return False  # no pool was ever filled here: nothing to look for, or to import
+    from hako.shim import pooled
+
+    return pooled.take(args, shim, bundle, options, listener)
 
 
 def _serve_forked(

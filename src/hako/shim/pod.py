@@ -32,7 +32,7 @@ from hako.errors import ConfigError, ContainerError, ContainerExists, ContainerN
 from hako.runtime import mounts
 from hako.runtime.sandbox import Sandbox
 from hako.shim import config as shim_config
-from hako.shim.early import EarlyVM, network_namespace, prepare
+from hako.shim.early import EarlyVM, prepare
 from hako.shim.events import Publisher
 from hako.shim.pooled import PooledVM
 from hako.shim.stdio import Log, ProcessIO, check_uri
@@ -227,7 +227,9 @@ class Pod:
         with self._lock:
             if container_id in self.containers:
                 raise ContainerExists(f"container {container_id} already exists")
-            sandbox = self._sandbox_for(config_path, spec.get("hostname", ""), network_namespace(spec))
+            sandbox = self._sandbox_for(
+                config_path, spec.get("hostname", ""), shim_config.network_namespace(spec)
+            )
             mount_rootfs(rootfs_mounts, rootfs)
             try:
                 sandbox.add_container(
