@@ -152,15 +152,27 @@ class Sandbox:
     ) -> None:
         if time_unix_ns:
             time.clock_settime_ns(time.CLOCK_REALTIME, time_unix_ns)
+        for i, storage in enumerate(storages):
+            check_mount_point(storage.mount_point, f"storages[{i}].mount_point")
+        self.identify(hostname, dns, interfaces, routes)
+        for i, storage in enumerate(storages):
+            self._pending.append((storage, f"sandbox storages[{i}]"))
+
+    def identify(
+        self,
+        hostname: str,
+        dns: list[str],
+        interfaces: Sequence[Interface] = (),
+        routes: Sequence[Route] = (),
+    ) -> None:
+        """The sandbox's identity and network: its hostname, its interfaces and routes, its
+        resolv.conf and hosts. At set-up, and again for a pooled sandbox a pod takes."""
         if hostname:
             if len(hostname.encode()) > 64:
                 raise InvalidArgument("hostname: longer than 64 bytes")
             linux.sethostname(hostname)
         if interfaces or routes:
             network.configure(interfaces, routes)
-        for i, storage in enumerate(storages):
-            check_mount_point(storage.mount_point, f"storages[{i}].mount_point")
-            self._pending.append((storage, f"sandbox storages[{i}]"))
         if dns:
             write_resolv_conf(dns)
         write_hosts(hostname or os.uname().nodename, [a.address for i in interfaces for a in i.addresses])

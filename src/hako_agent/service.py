@@ -196,6 +196,14 @@ class AgentService:
         return agent_pb2.Empty()
 
     @_rpc
+    def UpdateSandbox(self, request: agent_pb2.UpdateSandboxRequest, ctx: CallContext) -> agent_pb2.Empty:
+        self.sandbox.identify(
+            request.hostname, list(request.dns), _interfaces(request.interfaces), _routes(request.routes)
+        )
+        log.info("sandbox updated")
+        return agent_pb2.Empty()
+
+    @_rpc
     def DestroySandbox(self, request: agent_pb2.DestroySandboxRequest, ctx: CallContext) -> agent_pb2.Empty:
         self.sandbox.shutdown()
         log.info("sandbox destroyed")

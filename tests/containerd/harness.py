@@ -685,6 +685,23 @@ class Containerd:
         self.stop()
         self.start()
 
+    def hako(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """hako as this containerd's shims see it (the same run root: pool and templates)."""
+        return subprocess.run(
+            [str(VENV_BIN / "hako"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def pool_ready(self) -> list[str]:
+        """The pooled sandboxes ready to be taken, by short id."""
+        listing = self.hako("pool", "ls").stdout.splitlines()[1:]
+        return [line.split()[0] for line in listing if " ready " in line]
+
     def log_tail(self, lines: int = 40) -> str:
         text = _read(self.paths.log).decode(errors="replace").splitlines()
         return "\n".join(text[-lines:])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from hako.shim.pooled import host_mounts_propagate
 from tests.containerd.cri import Cri
 from tests.containerd.harness import CNI_SUBNET, CRI_NAMESPACE, PAUSE, Containerd, Runtime, cni_available
 
@@ -57,20 +58,56 @@ def test_pod_network_from_cni(cri: Cri, containerd: Containerd, runtime: Runtime
     if runtime.vm:
         kernel = cri.exec_sync(server, ["uname", "-r"]).stdout.decode().strip()
         assert kernel != platform.release(), kernel  # the address is the guest's, not the host's
+    _reach(address)
+
+    cri.stop_pod(pod_id)
+    cri.remove_pod(pod_id)
+    assert cri.list_pods() == []
+
+
+@pytest.mark.skipif(not cni_available(), reason="needs Debian's containernetworking-plugins")
+def test_a_pod_and_the_warm_pool(cri: Cri, containerd: Containerd) -> None:
+    """Where the host's mounts propagate, a pooled VM (``hako pool fill --network none``)
+    becomes the pod's: its tap moves into the pod's namespace and the guest takes the pod's
+    address, as a restored VM's would. Where they do not (a private ``/``, as on the machine
+    this is developed on), the pod leaves the pool alone: mounts made for it after the fill
+    would not reach a pooled VM."""
+    filled = containerd.hako("pool", "fill", "1", "--network", "none")
+    assert filled.returncode == 0, filled.stderr
+    try:
+        [member] = containerd.pool_ready()
+        pod_config = cri.pod_config("pooled-net", host_network=False)
+        pod_id = cri.run_pod(pod_config, handler="hako")
+        cri.wait_for_pod_ready(pod_id)
+        taken = f"taken from the warm pool (sandbox {member}" in containerd.log_tail(400)
+        assert taken == host_mounts_propagate()
+        assert (containerd.pool_ready() == [member]) != taken
+        address = cri.pod_ip(pod_id)
+        serve = "while :; do echo hello-from-pod | nc -l -p 8080; done"
+        server = cri.create_container(pod_id, pod_config, "server", ["sh", "-c", serve])
+        cri.start_container(server)
+        shown = cri.exec_sync(server, ["ip", "-o", "-4", "addr", "show", "eth0"])
+        assert f" {address}/" in shown.stdout.decode(), shown
+        _reach(address)
+        cri.stop_pod(pod_id)
+        cri.remove_pod(pod_id)
+        assert cri.list_pods() == []
+    finally:
+        drained = containerd.hako("pool", "drain")
+        assert drained.returncode == 0, drained.stderr
+
+
+def _reach(address: str) -> None:
     deadline = time.monotonic() + 60
     while True:
         try:
             with socket.create_connection((address, 8080), timeout=5) as conn:
                 if conn.recv(100) == b"hello-from-pod\n":
-                    break
+                    return
         except OSError:
             pass
         assert time.monotonic() < deadline, f"the host could not reach the pod at {address}:8080"
         time.sleep(0.3)
-
-    cri.stop_pod(pod_id)
-    cri.remove_pod(pod_id)
-    assert cri.list_pods() == []
 
 
 def test_pod_with_two_containers(cri: Cri, containerd: Containerd, runtime: Runtime) -> None:

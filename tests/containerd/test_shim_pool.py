@@ -1,8 +1,8 @@
 """containerd pods taking their VM from hako's warm pool (``hako pool fill --network none``).
 
-A pod without a network namespace of its own (``ctr run`` without CNI) takes a pooled VM: the
-pooled sandbox's daemon becomes the pod's shim. The pool is drained before each test ends, so
-the ``ctr`` fixture's sweep finds nothing of it.
+A pod takes a pooled VM: the pooled sandbox's daemon becomes the pod's shim (a pod with a
+network namespace of its own: tests/containerd/test_shim_cri.py). The pool is drained before
+each test ends, so the ``ctr`` fixture's sweep finds nothing of it.
 """
 
 from __future__ import annotations
@@ -14,55 +14,39 @@ from pathlib import Path
 
 import pytest
 
-from tests.containerd.harness import HAKO, VENV_BIN, Containerd, Ctr, qemu_processes, unique_id
+from hako.shim.main import Shim
+from tests.containerd.harness import HAKO, NAMESPACE, Containerd, Ctr, qemu_processes, unique_id
 
 pytestmark = pytest.mark.integration
-
-
-def _hako(containerd: Containerd, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """hako as containerd's shims see it (the same run root, hence the same pool and templates)."""
-    return subprocess.run(
-        [str(VENV_BIN / "hako"), *args],
-        env=containerd.env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        stdin=subprocess.DEVNULL,
-    )
-
-
-def _ready(containerd: Containerd) -> list[str]:
-    listing = _hako(containerd, "pool", "ls").stdout.splitlines()[1:]
-    return [line.split()[0] for line in listing if " ready " in line]
 
 
 @pytest.fixture
 def pool(ctr: Ctr) -> Iterator[Containerd]:
     """One pooled sandbox of the `none` network, drained (with any refill) at the end."""
-    filled = _hako(ctr.containerd, "pool", "fill", "1", "--network", "none")
+    filled = ctr.containerd.hako("pool", "fill", "1", "--network", "none")
     assert filled.returncode == 0, filled.stderr
     try:
         yield ctr.containerd
     finally:
-        drained = _hako(ctr.containerd, "pool", "drain")
+        drained = ctr.containerd.hako("pool", "drain")
         assert drained.returncode == 0, drained.stderr
 
 
 def test_a_pod_without_a_network_namespace_takes_a_pooled_vm(ctr: Ctr, pool: Containerd) -> None:
-    [member] = _ready(pool)
+    [member] = pool.pool_ready()
     qemus = {proc.pid for proc in qemu_processes(pool.paths.base)}
     container = unique_id("pooled")
     result = ctr.run(HAKO, container, "sh", "-c", "hostname; echo hi >&2; exit 3")
-    # The pooled VM ran it: the guest's hostname is the pooled sandbox's (ctr names none).
-    assert (result.returncode, result.stdout, result.stderr) == (3, f"{member}\n", "hi\n")
+    # The pooled VM took the pod's identity: its hostname, as a VM of the pod's own would have.
+    pod_hostname = Shim(str(pool.paths.address), NAMESPACE, container).pod_id[:12]
+    assert (result.returncode, result.stdout, result.stderr) == (3, f"{pod_hostname}\n", "hi\n")
     log = pool.log_tail(400)
     assert f"taken from the warm pool (sandbox {member}" in log, log
     assert "launched the pod's VM as the shim started" not in log.split(container)[-1]
     # Its QEMU was the pooled one, and it is gone with the pod; the pool refills.
     deadline = time.monotonic() + 180
-    while not (refilled := _ready(pool)):
-        assert time.monotonic() < deadline, _hako(pool, "pool", "ls").stdout
+    while not (refilled := pool.pool_ready()):
+        assert time.monotonic() < deadline, pool.hako("pool", "ls").stdout
         time.sleep(0.5)
     assert refilled != [member]
     left = {proc.pid for proc in qemu_processes(pool.paths.base)} - qemus
@@ -71,13 +55,13 @@ def test_a_pod_without_a_network_namespace_takes_a_pooled_vm(ctr: Ctr, pool: Con
 
 
 def test_a_pod_with_the_pool_turned_off_restores_its_own(ctr: Ctr, pool: Containerd, tmp_path: Path) -> None:
-    [member] = _ready(pool)
+    [member] = pool.pool_ready()
     config = tmp_path / "hako.toml"
     config.write_text("[runtime]\npool = false\n")
     result = ctr.run(HAKO, unique_id("unpooled"), "hostname", options=["--runtime-config-path", str(config)])
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() != member
-    assert _ready(pool) == [member]
+    assert pool.pool_ready() == [member]
 
 
 def test_a_pod_that_asks_for_another_vm_leaves_the_pooled_one(
@@ -85,7 +69,7 @@ def test_a_pod_that_asks_for_another_vm_leaves_the_pooled_one(
 ) -> None:
     """Same kernel and size, but a debug guest is another template: the pooled sandbox refuses
     the pod and stays in the pool; the pod restores a VM of its own."""
-    [member] = _ready(pool)
+    [member] = pool.pool_ready()
     config = tmp_path / "hako.toml"
     config.write_text("[runtime]\ndebug = true\n")
     result = ctr.run(
@@ -93,6 +77,49 @@ def test_a_pod_that_asks_for_another_vm_leaves_the_pooled_one(
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() != member
-    assert _ready(pool) == [member]
+    assert pool.pool_ready() == [member]
     [run_dir] = [p for p in (pool.paths.hako_run / "sandboxes").iterdir() if p.name.startswith(member)]
     assert "refused the containerd pod" in (run_dir / "daemon.log").read_text()
+
+
+@pytest.fixture
+def pod_netns() -> Iterator[str]:
+    """A network namespace as CNI leaves one for a pod: a veth ``eth0`` with an address and a
+    default route, its peer on the host (``ip netns``: /run/netns/NAME)."""
+    name = unique_id("hk-pool")
+    peer = f"hp{name[-10:]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        steps = [
+            ["ip", "link", "add", peer, "type", "veth", "peer", "name", "eth0", "netns", name],
+            ["ip", "addr", "add", f"{HOST_ADDRESS}/24", "dev", peer],
+            ["ip", "link", "set", peer, "up"],
+            ["ip", "-n", name, "addr", "add", f"{POD_ADDRESS}/24", "dev", "eth0"],
+            ["ip", "-n", name, "link", "set", "eth0", "up"],
+            ["ip", "-n", name, "route", "add", "default", "via", HOST_ADDRESS],
+        ]
+        for step in steps:
+            subprocess.run(step, check=True)
+        yield f"/run/netns/{name}"
+    finally:
+        subprocess.run(["ip", "link", "del", peer], check=False, capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+HOST_ADDRESS, POD_ADDRESS = "10.213.77.1", "10.213.77.2"
+
+
+def test_a_pod_with_a_network_namespace_takes_a_pooled_vm_into_it(
+    ctr: Ctr, pool: Containerd, pod_netns: str
+) -> None:
+    """The pooled VM's tap moves into the pod's namespace, and the guest takes the veth's
+    address, MAC and routes: the host reaches the container, and the container the host."""
+    [member] = pool.pool_ready()
+    script = f"ip -o -4 addr show eth0; ip route; ping -c 1 -W 5 {HOST_ADDRESS} >/dev/null && echo reached"
+    result = ctr.run(
+        HAKO, unique_id("netns"), "sh", "-c", script, options=["--with-ns", f"network:{pod_netns}"]
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"inet {POD_ADDRESS}/24" in result.stdout and f"default via {HOST_ADDRESS}" in result.stdout
+    assert result.stdout.endswith("reached\n"), result.stdout
+    assert f"taken from the warm pool (sandbox {member}" in pool.log_tail(400)

@@ -53,3 +53,33 @@ def test_a_persistent_tap_stays_and_is_taken_again() -> None:
         os.close(again)
     finally:
         os.close(namespace)  # nothing holds the namespace: it goes, and its tap with it
+
+
+def test_a_pooled_vms_tap_moves_into_a_pods_namespace() -> None:
+    """A pod took a pooled VM: its tap leaves the VM's own namespace for the pod's, is wired to
+    the pod's veth there, and the guest is to take the veth's identity."""
+    from pyroute2 import IPRoute
+
+    from hako.network.sandbox import SandboxNetwork
+
+    own, pod = netns.create(), netns.create()
+    tap = netns.open_tap(own, persist=True)  # as a pooled VM's QEMU holds it
+    try:
+        with netns.entered(pod), IPRoute() as ipr:  # what CNI's bridge plugin leaves in a pod
+            ipr.link("add", ifname="eth0", kind="veth", peer={"ifname": "peer0"})
+            eth0 = ipr.link_lookup(ifname="eth0")[0]
+            ipr.addr("add", index=eth0, address="10.99.0.5", prefixlen=24)
+            ipr.link("set", index=eth0, state="up")
+            mac = ipr.get_links(eth0)[0].get_attr("IFLA_ADDRESS")
+        network = SandboxNetwork("pooled", "none", os.dup(own))
+        network.move_into(os.dup(pod))
+        network.wait_wired()
+        assert network.mode == "joined" and not network.owns_namespace
+        assert _index(own) is None and _index(pod) is not None
+        [interface] = network.guest().interfaces
+        assert (interface.hw_addr, interface.addresses) == (mac, (("10.99.0.5", 24),))
+        network.close()
+    finally:
+        os.close(tap)
+        os.close(own)
+        os.close(pod)

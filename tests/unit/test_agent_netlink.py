@@ -508,3 +508,38 @@ def test_service_converts_interfaces_and_routes() -> None:
     assert isinstance(route, Route)
     assert (route.destination, route.gateway) == ("default", "10.88.0.1")
     assert (route.device, route.source) == ("eth1", "10.88.0.5")
+
+
+class IdentifyingSandbox:
+    def __init__(self) -> None:
+        self.identified: tuple[Any, ...] = ()
+
+    def identify(self, *args: Any) -> None:
+        self.identified = args
+
+
+def test_a_pooled_sandbox_takes_a_pods_hostname_and_network() -> None:
+    """UpdateSandbox: what CreateSandbox gives, again, for a sandbox a pod took from the pool."""
+    sandbox = IdentifyingSandbox()
+    service = AgentService(sandbox=sandbox)  # type: ignore[arg-type]
+    request = agent_pb2.UpdateSandboxRequest(
+        hostname="web-1",
+        dns=["10.96.0.10"],
+        interfaces=[
+            agent_pb2.Interface(
+                device="eth0",
+                hw_addr="0a:58:0a:d4:00:07",
+                mtu=1500,
+                addresses=[agent_pb2.IPAddress(address="10.212.0.7", prefix_len=24)],
+            )
+        ],
+        routes=[agent_pb2.Route(destination="default", gateway="10.212.0.1")],
+    )
+    service.UpdateSandbox(
+        request, CallContext("hako.agent.v1.Agent", "UpdateSandbox", {}, None, threading.Event(), 1)
+    )
+    hostname, dns, (interface,), (route,) = sandbox.identified
+    assert (hostname, dns) == ("web-1", ["10.96.0.10"])
+    assert isinstance(interface, Interface) and interface.hw_addr == "0a:58:0a:d4:00:07"
+    assert [(a.address, a.prefix_len) for a in interface.addresses] == [("10.212.0.7", 24)]
+    assert isinstance(route, Route) and (route.destination, route.gateway) == ("default", "10.212.0.1")

@@ -3,6 +3,7 @@ hand-over of the pod's socket to a pooled daemon, and the pod using what it was 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from hako.errors import ConfigError, SandboxError
+from hako.errors import ConfigError, NetworkError, SandboxError
 from hako.runtime import paths, pool
 from hako.runtime.sockets import connect_unix, listen_unix
 from hako.runtime.state import SandboxState, Status, new_id, process_start_ticks
@@ -25,7 +26,6 @@ from tests.unit.shim_fakes import RecordingPublisher
 ADOPTION = pooled.Adoption(
     ["-namespace", "k8s.io", "-id", "c1", "start"], "/run/bundle/c1", "/run/containerd.ttrpc", b"\x0a\x00\xff"
 )
-NO_NETNS: dict[str, Any] = {"linux": {"namespaces": [{"type": "network"}]}}
 
 
 @pytest.fixture(autouse=True)
@@ -45,25 +45,16 @@ def test_an_adoption_survives_the_wire() -> None:
 
 
 @pytest.mark.parametrize(
-    ("spec", "cfg", "wanted"),
+    ("cfg", "wanted"),
     [
-        (NO_NETNS, shim_config.ShimConfig(), True),
-        ({}, shim_config.ShimConfig(), True),
-        # the pod's own namespace (CNI): its VM's NIC would have to move there
-        (
-            {"linux": {"namespaces": [{"type": "network", "path": "/run/netns/cni-1"}]}},
-            shim_config.ShimConfig(),
-            False,
-        ),
-        (NO_NETNS, shim_config.ShimConfig(pool=False), False),  # turned off
-        (NO_NETNS, shim_config.ShimConfig(template="off"), False),  # no template, no clones
-        (NO_NETNS, shim_config.ShimConfig(template="private"), False),  # pooled clones share pages
+        (shim_config.ShimConfig(), True),
+        (shim_config.ShimConfig(pool=False), False),  # turned off
+        (shim_config.ShimConfig(template="off"), False),  # no template, no clones
+        (shim_config.ShimConfig(template="private"), False),  # pooled clones share pages
     ],
 )
-def test_which_pods_take_from_the_pool(
-    spec: dict[str, Any], cfg: shim_config.ShimConfig, wanted: bool
-) -> None:
-    assert pooled.wanted(spec, cfg) is wanted
+def test_which_pods_take_from_the_pool(cfg: shim_config.ShimConfig, wanted: bool) -> None:
+    assert pooled.wanted(cfg) is wanted
 
 
 def test_the_pool_is_turned_off_in_the_shims_config() -> None:
@@ -104,7 +95,7 @@ class FakeDaemon:
     def __init__(self, state: SandboxState, **answer: object) -> None:
         self.adopt = listen_unix(state.dir / paths.ADOPT_SOCKET)
         self.answer = answer
-        self.received: list[tuple[pooled.Adoption, socket.socket]] = []
+        self.received: list[tuple[pooled.Adoption, socket.socket, int | None]] = []
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -117,8 +108,10 @@ class FakeDaemon:
     def close(self) -> None:
         self.thread.join(5)
         self.adopt.close()
-        for _, listener in self.received:
+        for _, listener, netns_fd in self.received:
             listener.close()
+            if netns_fd is not None:
+                os.close(netns_fd)
 
 
 def test_the_pods_socket_is_handed_over_listening(tmp_path: Path) -> None:
@@ -129,14 +122,69 @@ def test_the_pods_socket_is_handed_over_listening(tmp_path: Path) -> None:
     try:
         assert pooled.hand_over(state, listener, ADOPTION) == 4321
         listener.close()  # start closes its copy: the daemon's serves the pod
-        [(adoption, received)] = daemon.received
-        assert adoption == ADOPTION
+        [(adoption, received, netns_fd)] = daemon.received
+        assert adoption == ADOPTION and netns_fd is None
         with connect_unix(pod_socket) as client:  # containerd connects...
             served, _ = received.accept()  # ... and the daemon answers
             served.close()
             assert client
     finally:
         daemon.close()
+
+
+def test_the_pods_network_namespace_comes_with_its_socket(tmp_path: Path) -> None:
+    """Opened where the path is mounted (the shim's start: a pooled daemon's mount namespace
+    is a copy made at the fill, which may not have it)."""
+    state = _member()
+    daemon = FakeDaemon(state, qemu_pid=1, took=0.01)
+    adoption = pooled.Adoption([], "/b", "", b"", netns_path="/proc/self/ns/net")
+    try:
+        with listen_unix(tmp_path / "pod.sock") as listener:
+            pooled.hand_over(state, listener, adoption)
+        [(received, _, netns_fd)] = daemon.received
+        assert received.netns_path == "/proc/self/ns/net" and netns_fd is not None
+        assert os.fstat(netns_fd).st_ino == os.stat("/proc/self/ns/net").st_ino
+    finally:
+        daemon.close()
+
+
+def test_a_missing_network_namespace_is_named(tmp_path: Path) -> None:
+    adoption = pooled.Adoption([], "/b", "", b"", netns_path=str(tmp_path / "gone"))
+    with listen_unix(tmp_path / "pod.sock") as listener, pytest.raises(NetworkError, match="gone"):
+        pooled.hand_over(_member(), listener, adoption)
+
+
+@pytest.mark.parametrize(
+    ("root_line", "propagates"),
+    [
+        ("27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw", True),  # systemd's
+        ("27 1 254:0 / / rw,relatime - ext4 /dev/vda rw", False),  # private
+        ("27 1 254:0 / / rw,relatime master:1 - ext4 /dev/vda rw", False),  # a slave receives only
+    ],
+)
+def test_whether_the_hosts_mounts_reach_a_pooled_daemon(
+    tmp_path: Path, root_line: str, propagates: bool
+) -> None:
+    mountinfo = tmp_path / "mountinfo"
+    other = "48 27 254:0 /run/netns /run/netns rw,relatime shared:2 - ext4 /dev/vda rw"
+    mountinfo.write_text(f"22 27 0:21 / /proc rw,relatime - proc proc rw\n{other}\n{root_line}\n")
+    assert pooled.host_mounts_propagate(str(mountinfo)) is propagates
+
+
+def test_a_kubernetes_pod_takes_none_where_mounts_do_not_propagate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths.pool_file().parent.mkdir(parents=True)
+    paths.pool_file().write_text("{}")
+    member = _member()
+    monkeypatch.setattr(pooled, "host_mounts_propagate", lambda: False)
+    args = _start_args(tmp_path)
+    spec = {"annotations": {shim_main.GROUP_ANNOTATION: "pod-1"}}
+    (tmp_path / "config.json").write_text(json.dumps(spec))
+    shim = shim_main.Shim(args.address, args.namespace, "pod-1")
+    with socket.socket(socket.AF_UNIX) as listener:
+        assert not shim_main._pooled(args, shim, tmp_path, b"", listener)
+    assert (member.dir / pool.POOLED_MARK).exists()
 
 
 def test_a_refusal_and_a_failure_are_told_apart(tmp_path: Path) -> None:
@@ -205,15 +253,22 @@ def test_start_without_a_pool_looks_for_no_member(tmp_path: Path, monkeypatch: p
 
 
 class FakeSandbox:
-    def __init__(self) -> None:
+    def __init__(self, fail: bool = False) -> None:
         self.vm = SimpleNamespace(pid=4321)
         self.dead = threading.Event()
         self.warn: Any = None
         self.started = False
         self.stopped = False
+        self.fail = fail
+        self.hostnames: list[str] = []
 
     def start(self) -> None:
         self.started = True
+
+    def take_identity(self, hostname: str) -> None:
+        if self.fail:
+            raise SandboxError("wiring the pod's network failed")
+        self.hostnames.append(hostname)
 
     def stop(self) -> None:
         self.stopped = True
@@ -223,21 +278,42 @@ def test_the_pod_uses_the_pooled_vm_as_it_is(tmp_path: Path) -> None:
     sandbox: Any = FakeSandbox()
     log: list[str] = []
     vms: list[int | None] = []
-    taken = pooled.PooledVM(
-        None, shim_config.ShimConfig(), sandbox, ["the pod's VM: taken from the warm pool"]
-    )
+    notes = ["the pod's VM: taken from the warm pool"]
+    taken = pooled.PooledVM(None, "/run/netns/cni-1", shim_config.ShimConfig(), sandbox, notes)
     events: Any = RecordingPublisher()
     pod = Pod("f" * 64, tmp_path, events, log.append, on_vm=vms.append, early=taken)
-    assert pod._sandbox_for(None, "some-hostname", "") is sandbox  # its hostname is the pool's
+    assert pod._sandbox_for(None, "web-1", "/run/netns/cni-1") is sandbox
     assert not sandbox.started and vms == [4321]
+    assert sandbox.hostnames == ["web-1"]  # the pod's, not the pooled sandbox's
     assert sandbox.warn == log.append  # its warnings go to the pod's log now
     assert "taken from the warm pool" in log[0]
 
 
+def test_a_pod_without_a_hostname_gives_the_pooled_vm_its_own(tmp_path: Path) -> None:
+    sandbox: Any = FakeSandbox()
+    taken = pooled.PooledVM(None, "", shim_config.ShimConfig(), sandbox, [])
+    events: Any = RecordingPublisher()
+    pod = Pod("f" * 64, tmp_path, events, lambda line: None, early=taken)
+    pod._sandbox_for(None, "", "")
+    assert sandbox.hostnames == ["f" * 12]  # as a VM of the pod's own would have
+
+
+def test_a_pooled_vm_that_cannot_take_the_pods_identity_is_stopped(tmp_path: Path) -> None:
+    sandbox: Any = FakeSandbox(fail=True)
+    taken = pooled.PooledVM(None, "", shim_config.ShimConfig(), sandbox, [])
+    events: Any = RecordingPublisher()
+    pod = Pod("f" * 64, tmp_path, events, lambda line: None, early=taken)
+    with pytest.raises(SandboxError, match="wiring"):
+        pod._sandbox_for(None, "", "")
+    assert sandbox.stopped and pod.sandbox is None
+
+
 def test_a_pooled_vm_is_not_taken_by_a_pod_that_asks_for_another(tmp_path: Path) -> None:
-    taken = pooled.PooledVM("/etc/hako/a.toml", shim_config.ShimConfig(), FakeSandbox(), [])  # type: ignore[arg-type]
-    assert taken.fits("/etc/hako/a.toml", "any", "")
-    assert not taken.fits("/etc/hako/b.toml", "any", "")
-    assert not taken.fits("/etc/hako/a.toml", "any", "/run/netns/cni-1")
+    sandbox: Any = FakeSandbox()
+    taken = pooled.PooledVM("/etc/hako/a.toml", "/run/netns/cni-1", shim_config.ShimConfig(), sandbox, [])
+    assert taken.fits("/etc/hako/a.toml", "any-hostname", "/run/netns/cni-1")
+    assert not taken.fits("/etc/hako/b.toml", "any-hostname", "/run/netns/cni-1")
+    assert not taken.fits("/etc/hako/a.toml", "any-hostname", "/run/netns/cni-2")  # moved into another
+    assert not taken.fits("/etc/hako/a.toml", "any-hostname", "")
     taken.discard()
     assert taken.sandbox.stopped  # type: ignore[attr-defined]

@@ -147,11 +147,30 @@ class SandboxNetwork:
             return
         threading.Thread(target=self._wire, daemon=True, name="net-wire").start()
 
-    def _wire(self) -> None:
+    def move_into(self, netns_fd: int) -> None:
+        """Move the VM's tap from this network's own namespace (mode ``none``) into the one
+        ``netns_fd`` is (it is this network's now), made and configured by someone else (a
+        pod's, by containerd's CNI), and wire it there, in the background: a pooled VM that a
+        pod took (:mod:`hako.shim.pooled`). The guest is then given the pod's addresses
+        (:meth:`guest`, once wired)."""
+        if self.mode != "none":
+            raise NetworkError(f"only a sandbox of network none can move into a pod's, not {self.mode}")
+        own, self.netns_fd, self.mode = self.netns_fd, netns_fd, "joined"
+        self._wired.clear()
+        threading.Thread(target=self._wire, args=(own,), daemon=True, name="net-move").start()
+
+    def _wire(self, tap_from: int | None = None) -> None:
         try:
             if self.mode == "bridge":
                 assert self.address is not None
                 self._run_wire("routed", "--sandbox-id", self.sandbox_id, "--address", str(self.address))
+            elif tap_from is not None:
+                try:
+                    answer = self._run_wire("joined", "--tap-from-netns-fd", str(tap_from), fds=(tap_from,))
+                finally:
+                    os.close(tap_from)  # the namespace ends with QEMU, which still runs in it
+                self._veth = str(answer["veth"])
+                self._guest = guest_network(answer["guest"])
             else:
                 answer = self._run_wire("joined")
                 self._veth = str(answer["veth"])
@@ -184,11 +203,13 @@ class SandboxNetwork:
         self.wait_wired()
         self._run_wire("rewire", "--veth", self._veth)
 
-    def _run_wire(self, *args: str) -> dict[str, Any]:
+    def _run_wire(self, *args: str, fds: tuple[int, ...] = ()) -> dict[str, Any]:
         """Run :mod:`hako.network.wire` on the namespace: pyroute2 is loaded by that short-lived
         process, not by the one that holds the sandbox for its whole life (12 MiB each)."""
         argv = [sys.executable, "-m", "hako.network.wire", "--netns-fd", str(self.netns_fd), *args]
-        result = subprocess.run(argv, capture_output=True, text=True, pass_fds=(self.netns_fd,), check=False)
+        result = subprocess.run(
+            argv, capture_output=True, text=True, pass_fds=(self.netns_fd, *fds), check=False
+        )
         if result.returncode != 0:
             lines = result.stderr.strip().splitlines()
             raise NetworkError(lines[-1] if lines else f"{argv[3]} exited with status {result.returncode}")

@@ -8,9 +8,10 @@ the guest boots. It answers one line of JSON, or exits non-zero with a one-line 
     python -m hako.network.wire --netns-fd N routed --sandbox-id ID --address A
         make the veth pair (``eth0`` inside, ``hk<id>`` on the host, the MAC for A), redirect
         between ``eth0`` and the tap, and connect the host's end (:mod:`hako.network.host`)
-    python -m hako.network.wire --netns-fd N joined
+    python -m hako.network.wire --netns-fd N joined [--tap-from-netns-fd M]
         find the namespace's configured interface (containerd's CNI made it), redirect between
-        it and the tap, and answer the guest's configuration read off it
+        it and the tap, and answer the guest's configuration read off it; the tap is first moved
+        there from namespace M if given (a pooled VM's, which a pod took)
     python -m hako.network.wire --netns-fd N rewire --veth NAME
         redirect between NAME and the tap again (the VM, and with it its tap, was replaced)
 """
@@ -66,7 +67,13 @@ def routed(netns_fd: int, sandbox_id: str, address: ipaddress.IPv4Address) -> di
     return {}
 
 
-def joined(netns_fd: int) -> dict[str, Any]:
+def joined(netns_fd: int, tap_from: int | None = None) -> dict[str, Any]:
+    if tap_from is not None:
+        source = inside(tap_from)
+        try:
+            source.link("set", index=host.index_of(source, netns.TAP_NAME), net_ns_fd=netns_fd)
+        finally:
+            source.close()
     ipr = inside(netns_fd)
     try:
         link = uplink(ipr)
@@ -151,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     routed_parser = commands.add_parser("routed")
     routed_parser.add_argument("--sandbox-id", required=True)
     routed_parser.add_argument("--address", type=ipaddress.IPv4Address, required=True)
-    commands.add_parser("joined")
+    joined_parser = commands.add_parser("joined")
+    joined_parser.add_argument("--tap-from-netns-fd", type=int)
     rewire_parser = commands.add_parser("rewire")
     rewire_parser.add_argument("--veth", required=True)
     args = parser.parse_args(argv)
@@ -159,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "routed":
             answer = routed(args.netns_fd, args.sandbox_id, args.address)
         elif args.command == "joined":
-            answer = joined(args.netns_fd)
+            answer = joined(args.netns_fd, args.tap_from_netns_fd)
         else:
             answer = rewire(args.netns_fd, args.veth)
     except (HakoError, NetlinkError, OSError) as exc:

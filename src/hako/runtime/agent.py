@@ -91,6 +91,17 @@ class AgentClient:
         )
         self._call("CreateSandbox", request, 30)
 
+    def update_sandbox(
+        self,
+        hostname: str,
+        dns: Sequence[str] = (),
+        *,
+        interfaces: Sequence[pb.Interface] = (),
+        routes: Sequence[pb.Route] = (),
+    ) -> None:
+        request = pb.UpdateSandboxRequest(hostname=hostname, dns=dns, interfaces=interfaces, routes=routes)
+        self._call("UpdateSandbox", request, 30)
+
     def set_clock(self, unix_ns: int) -> None:
         seconds, rest = divmod(unix_ns, 1_000_000_000)
         self._call("SetGuestDateTime", pb.SetGuestDateTimeRequest(sec=seconds, usec=rest // 1000), 10)

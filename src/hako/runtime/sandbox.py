@@ -202,6 +202,20 @@ class Sandbox:
         agent.set_clock(time.time_ns())
         agent.reseed_random(os.urandom(ENTROPY_BYTES))
 
+    def take_identity(self, hostname: str) -> None:
+        """A pooled sandbox that a pod took: the guest takes the pod's hostname and, if its
+        network moved into the pod's namespace (:meth:`SandboxNetwork.move_into`), the pod's
+        addresses and routes."""
+        started = time.monotonic()
+        guest_network = self.network.guest() if self.network is not None else GuestNetwork()
+        self._need_agent().update_sandbox(
+            hostname,
+            guest_network.dns,
+            interfaces=[_interface_pb(i) for i in guest_network.interfaces],
+            routes=[_route_pb(r) for r in guest_network.routes],
+        )
+        self.timing["identity"] = time.monotonic() - started
+
     def _check_agent(self, timeout: float) -> tuple[pb.CheckResponse, float]:
         self.agent = AgentClient(self.vm.agent_channel(), on_close=self._agent_lost)
         # The request waits in the channel until the agent opens its port: no polling.

@@ -96,7 +96,7 @@ class SandboxDaemon:
         self.pooled = pooled
         self.claimed = threading.Event()
         # A containerd pod's, with its socket, once its shim's start handed it over.
-        self.adoption: tuple[Adoption, socket.socket] | None = None
+        self.adoption: tuple[Adoption, socket.socket, int | None] | None = None
         self.notify_fd = -1
         self.sandbox = Sandbox(
             config, vm, warn=lambda message: self.log(f"warning: {message}"), network=network
@@ -460,7 +460,7 @@ class SandboxDaemon:
         from hako.shim import pooled
 
         try:
-            adoption, listener = pooled.receive(conn)
+            adoption, listener, netns_fd = pooled.receive(conn)
         except (OSError, ValueError, TypeError, HakoError) as exc:
             self.log(f"a bad adoption: {exc}")
             return False
@@ -468,32 +468,35 @@ class SandboxDaemon:
             wanted = pooled.template_of(adoption)
         except HakoError as exc:
             wanted = f"none ({exc})"
+        error, refused = "", False
         if wanted != self.state.template:
-            listener.close()
             with contextlib.suppress(OSError):  # back in the pool
                 os.rename(self.run_dir / CLAIMED_MARK, self.run_dir / POOLED_MARK)
             self.log(f"refused the containerd pod of {adoption.bundle}: it asks for template {wanted}")
-            pooled.answer(conn, error=f"the pod asks for template {wanted}", refused=True)
-            return False
-        try:
-            took = self._take_from_pool()
-        except TtrpcError as exc:  # the VM failed: this daemon is finishing
+            error, refused = f"the pod asks for template {wanted}", True
+        else:
+            try:
+                took = self._take_from_pool()
+            except TtrpcError as exc:  # the VM failed: this daemon is finishing
+                error = exc.message
+        if error:
             listener.close()
-            pooled.answer(conn, error=exc.message)
+            if netns_fd is not None:
+                os.close(netns_fd)
+            pooled.answer(conn, error=error, refused=refused)
             return False
-        self.adoption = (adoption, listener)
+        self.adoption = (adoption, listener, netns_fd)
         self.log(f"adopted by the containerd pod of {adoption.bundle} in {took * 1000:.0f} ms")
         pooled.answer(conn, qemu_pid=self.sandbox.vm.pid or 0, took=took)
         return True
 
-    def _become_shim(self, adoption: Adoption, listener: socket.socket) -> int:
+    def _become_shim(self, adoption: Adoption, listener: socket.socket, netns_fd: int | None) -> int:
         """Hand the sandbox to the containerd shim this process becomes; its state goes (the pod
         is containerd's now, not a `hako run` container), its run dir goes with the pod."""
         from hako.runtime.pool import Shape, refill_in_background
         from hako.shim.pooled import serve_adopted
 
         self.server.shutdown()
-
         for name in (API_SOCKET, ADOPT_SOCKET, STATE_FILE, CLAIMED_MARK):
             with contextlib.suppress(OSError):
                 (self.run_dir / name).unlink()
@@ -513,7 +516,7 @@ class SandboxDaemon:
         timer.daemon = True
         timer.start()
         try:
-            return serve_adopted(adoption, listener, self.sandbox, self.run_dir)
+            return serve_adopted(adoption, listener, netns_fd, self.sandbox, self.run_dir)
         finally:
             timer.cancel()
             refill_once()

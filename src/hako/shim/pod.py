@@ -148,8 +148,13 @@ class Pod:
         if isinstance(early, PooledVM):
             sandbox = early.sandbox
             sandbox.warn = self.log
-            if sandbox.dead.is_set():
-                raise ContainerError(f"the pod's VM is dead: {sandbox.death_reason}")
+            try:
+                if sandbox.dead.is_set():
+                    raise ContainerError(f"the pod's VM is dead: {sandbox.death_reason}")
+                sandbox.take_identity(hostname or self.pod_id[:12])
+            except BaseException:
+                sandbox.stop()
+                raise
             self.sandbox = sandbox
             self._on_vm(sandbox.vm.pid)
             return sandbox

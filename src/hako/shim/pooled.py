@@ -1,22 +1,22 @@
 """A pod's VM taken from the warm pool (``hako pool fill --network none``).
 
 A pooled sandbox's daemon holds a VM restored from the template, set up, warmed up (a
-throw-away container ran in it) and paused (:mod:`hako.runtime.pool`). For a pod without a
-network namespace of its own (``ctr run`` without CNI: the VM's network is an empty namespace,
-as a pooled ``none`` sandbox's is), the shim's ``start`` takes one instead of forking a shim
-that restores a VM: it hands the daemon the pod's socket, listening, and the daemon resumes
-its VM and becomes the pod's shim (:func:`serve_adopted`). It is the same process, with the
-same VM, in the same mount namespace, where QEMU's 9p export is and where the pod's rootfs
-mounts go.
+throw-away container ran in it) and paused (:mod:`hako.runtime.pool`). For a pod, the shim's
+``start`` takes one instead of forking a shim that restores a VM: it hands the daemon the pod's
+socket, listening, and the daemon resumes its VM and becomes the pod's shim
+(:func:`serve_adopted`). It is the same process, with the same VM, in the same mount
+namespace, where QEMU's 9p export is and where the pod's rootfs mounts go.
 
 The hand-over is one exchange on the pooled daemon's ``adopt.sock``: a JSON line (:class:`Adoption`)
 with the socket's descriptor attached (SCM_RIGHTS), answered by a JSON line. It is not the
 daemon's ttRPC API because ``start`` runs for every pod, pooled or not, and a ttRPC client
 would cost it protobuf's import (~40 ms here) before containerd hears from it.
 
-A pod with a network namespace (CNI, Kubernetes) does not take one: its VM's NIC would have to
-move into that namespace and the guest be given the pod's addresses, which the agent cannot
-redo yet. Such a pod's shim restores its VM from the template, as before.
+The pooled VM's network is a namespace of its own holding only its tap. A pod with a network
+namespace (CNI, Kubernetes) has the tap moved into it and wired to the pod's veth, as a
+restored VM's would be (:meth:`hako.network.sandbox.SandboxNetwork.move_into`), and the guest
+is given the pod's addresses and routes, and its hostname (``UpdateSandbox``), before the
+first container is created.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hako.errors import HakoError, SandboxError
+from hako.errors import HakoError, NetworkError, SandboxError
 
 if TYPE_CHECKING:
     from hako.runtime.sandbox import Sandbox
@@ -49,15 +49,15 @@ class PooledVM:
     """The pod's VM, taken from the pool as the shim started: resumed, ready for containers."""
 
     config_path: str | None
+    netns_path: str  # the pod's network namespace, which the VM's tap moved into ("" for none)
     settings: shim_config.ShimConfig  # the shim's config file as read for this VM
     sandbox: Sandbox
     notes: list[str]
 
     def fits(self, config_path: str | None, hostname: str, netns_path: str) -> bool:
-        """The first container asks for this VM: the same config, no network namespace. (Its
-        hostname is the pooled sandbox's; a container that names one has it in its own UTS
-        namespace.)"""
-        return config_path == self.config_path and not netns_path
+        """The first container asks for this VM: the same config and network namespace (it is
+        given the hostname asked for: :meth:`Sandbox.take_identity`)."""
+        return (config_path, netns_path) == (self.config_path, self.netns_path)
 
     def discard(self) -> None:
         self.sandbox.stop()
@@ -71,6 +71,7 @@ class Adoption:
     bundle: str  # the pod's first container's bundle directory
     ttrpc_address: str  # containerd's, for events ($TTRPC_ADDRESS)
     options: bytes  # containerd's runtime options, as `start` read them
+    netns_path: str = ""  # the pod's network namespace (its descriptor comes with the socket)
 
     def encode(self) -> bytes:
         fields: dict[str, Any] = asdict(self)
@@ -88,11 +89,9 @@ class Refused(SandboxError):
     """The pooled sandbox is not the VM this pod asks for (it stays in the pool)."""
 
 
-def wanted(spec: dict[str, Any], cfg: shim_config.ShimConfig) -> bool:
-    """Whether a pod whose first container's spec is ``spec`` takes its VM from the pool."""
-    from hako.shim.config import network_namespace
-
-    return cfg.pool and cfg.template == "auto" and not network_namespace(spec)
+def wanted(cfg: shim_config.ShimConfig) -> bool:
+    """Whether a pod whose shim's config is ``cfg`` takes its VM from the pool."""
+    return cfg.pool and cfg.template == "auto"
 
 
 # -- the shim's start ---------------------------------------------------------------------------
@@ -109,10 +108,11 @@ def take(args: argparse.Namespace, shim: Shim, bundle: Path, options: bytes, lis
         cfg = shim_config.load(shim_config.config_path_of(options))
     except (OSError, ValueError, HakoError):
         return False  # the shim that starts its own VM reports what is wrong
-    if not wanted(spec, cfg):
+    if not wanted(cfg) or (_kubernetes(spec) and not host_mounts_propagate()):
         return False
     shape = pool.Shape(cfg.kernel, cfg.memory_mib, cfg.vcpus, pool.SHIM_NETWORK)
-    adoption = Adoption(args.argv, str(bundle), os.environ.get("TTRPC_ADDRESS", ""), options)
+    netns_path = shim_config.network_namespace(spec)
+    adoption = Adoption(args.argv, str(bundle), os.environ.get("TTRPC_ADDRESS", ""), options, netns_path)
     while (taken := pool.take(None, pool.SHIM_NETWORK, shape)) is not None:
         try:
             qemu_pid = hand_over(taken, listener, adoption)
@@ -134,15 +134,46 @@ def take(args: argparse.Namespace, shim: Shim, bundle: Path, options: bytes, lis
     return False
 
 
+def _kubernetes(spec: dict[str, Any]) -> bool:
+    """A pod of containerd's CRI plugin (Kubernetes), which brings mounts made for it."""
+    from hako.shim.main import GROUP_ANNOTATION
+
+    return GROUP_ANNOTATION in (spec.get("annotations") or {})
+
+
+def host_mounts_propagate(mountinfo: str = "/proc/self/mountinfo") -> bool:
+    """Whether mounts made on this host reach a pooled daemon's mount namespace, a copy made
+    when the pool was filled (a slave of the host's): only if the host's ``/`` is shared, as
+    systemd makes it. If not, a Kubernetes pod's mounts (its /dev/shm, its volumes, made after
+    the fill) would not be visible to a pooled VM, and such a pod does not take one."""
+    with contextlib.suppress(OSError), open(mountinfo) as lines:
+        for line in lines:
+            fields = line.split(" - ", 1)[0].split()
+            if len(fields) > 6 and fields[4] == "/" and fields[3] == "/":
+                return any(tag.startswith("shared:") for tag in fields[6:])
+    return False
+
+
 def hand_over(state: SandboxState, listener: socket.socket, adoption: Adoption) -> int:
-    """Give the pooled sandbox ``state`` the pod (and ``listener``); its QEMU's pid."""
+    """Give the pooled sandbox ``state`` the pod: ``listener``, and the descriptor of the pod's
+    network namespace (opened here, where its path is mounted); its QEMU's pid."""
     from hako.runtime.paths import ADOPT_SOCKET
     from hako.runtime.sockets import connect_unix
 
-    with connect_unix(state.dir / ADOPT_SOCKET) as conn:
-        conn.settimeout(HANDOVER_TIMEOUT)
-        socket.send_fds(conn, [adoption.encode()], [listener.fileno()])
-        answer = json.loads(_read_line(conn))
+    fds = [listener.fileno()]
+    if adoption.netns_path:
+        try:
+            fds.append(os.open(adoption.netns_path, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as exc:
+            raise NetworkError(f"network namespace {adoption.netns_path}: {exc.strerror}") from exc
+    try:
+        with connect_unix(state.dir / ADOPT_SOCKET) as conn:
+            conn.settimeout(HANDOVER_TIMEOUT)
+            socket.send_fds(conn, [adoption.encode()], fds)
+            answer = json.loads(_read_line(conn))
+    finally:
+        for fd in fds[1:]:
+            os.close(fd)
     if "error" in answer:
         error = Refused if answer.get("refused") else SandboxError
         raise error(f"pooled sandbox {state.short_id}: {answer['error']}")
@@ -160,20 +191,20 @@ def _read_line(conn: socket.socket, first: bytes = b"") -> bytes:
 
 
 # -- the pooled daemon --------------------------------------------------------------------------
-def receive(conn: socket.socket) -> tuple[Adoption, socket.socket]:
-    """The adoption a shim's start sent on ``conn``, and the pod's listening socket."""
+def receive(conn: socket.socket) -> tuple[Adoption, socket.socket, int | None]:
+    """The adoption a shim's start sent on ``conn``, the pod's listening socket, and the
+    descriptor of the pod's network namespace (None if it has none)."""
     conn.settimeout(HANDOVER_TIMEOUT)
-    first, fds, _, _ = socket.recv_fds(conn, 65536, 1)
-    if len(fds) != 1:
+    first, fds, _, _ = socket.recv_fds(conn, 65536, 2)
+    try:
+        adoption = Adoption.decode(_read_line(conn, first))
+        if len(fds) != 1 + bool(adoption.netns_path):
+            raise SandboxError("an adoption comes with the pod's socket, and its network namespace if any")
+    except BaseException:
         for fd in fds:
             os.close(fd)
-        raise SandboxError("an adoption comes with the pod's socket")
-    listener = socket.socket(fileno=fds[0])
-    try:
-        return Adoption.decode(_read_line(conn, first)), listener
-    except BaseException:
-        listener.close()
         raise
+    return adoption, socket.socket(fileno=fds[0]), fds[1] if len(fds) > 1 else None
 
 
 def answer(conn: socket.socket, **fields: object) -> None:
@@ -194,9 +225,12 @@ def template_of(adoption: Adoption) -> str | None:
     return found.key if found is not None else None
 
 
-def serve_adopted(adoption: Adoption, listener: socket.socket, sandbox: Sandbox, vm_dir: Path) -> int:
-    """Serve the pod as its shim, with ``sandbox`` (resumed) its VM; in the pooled sandbox's
-    daemon, which ``start`` handed the pod. ``vm_dir`` (the sandbox's run dir) goes with the pod."""
+def serve_adopted(
+    adoption: Adoption, listener: socket.socket, netns_fd: int | None, sandbox: Sandbox, vm_dir: Path
+) -> int:
+    """Serve the pod as its shim, with ``sandbox`` (resumed) its VM, moved into the pod's network
+    namespace ``netns_fd`` if it has one; in the pooled sandbox's daemon, which ``start``
+    handed the pod. ``vm_dir`` (the sandbox's run dir) goes with the pod."""
     from hako.shim import config as shim_config
     from hako.shim.main import Shim, parse_args
     from hako.shim.serve import serve
@@ -209,11 +243,20 @@ def serve_adopted(adoption: Adoption, listener: socket.socket, sandbox: Sandbox,
     shim = Shim.of(args, bundle)
     config_path = shim_config.config_path_of(adoption.options)
     took = sandbox.timing.get("pool_take", 0.0)
-    note = (
+    notes = [
         f"the pod's VM: taken from the warm pool (sandbox {sandbox.config.sandbox_id[:12]}, "
         f"QEMU pid {sandbox.vm.pid}, resumed in {took * 1000:.0f} ms)"
-    )
-    pooled = PooledVM(config_path, shim_config.load(config_path), sandbox, [note])
+    ]
+    netns_path = adoption.netns_path
+    if netns_fd is not None:
+        try:
+            assert sandbox.network is not None  # pooled sandboxes have a network of mode none
+            sandbox.network.move_into(netns_fd)  # wired while containerd sends Create
+        except HakoError as exc:
+            os.close(netns_fd)
+            notes.append(f"cannot move the pooled VM into the pod's network namespace: {exc}")
+            netns_path = "(unmoved)"  # fits no Create: the pod gets a VM of its own
+    pooled = PooledVM(config_path, netns_path, shim_config.load(config_path), sandbox, notes)
     try:
         serve(args, shim, bundle, listener, pooled)
     finally:
