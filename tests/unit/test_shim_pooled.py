@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from hako.errors import ConfigError, NetworkError, SandboxError
+from hako.errors import ConfigError, SandboxError
 from hako.runtime import paths, pool
 from hako.runtime.sockets import connect_unix, listen_unix
 from hako.runtime.state import SandboxState, Status, new_id, process_start_ticks
@@ -133,14 +133,18 @@ def test_the_pods_socket_is_handed_over_listening(tmp_path: Path) -> None:
 
 
 def test_the_pods_network_namespace_comes_with_its_socket(tmp_path: Path) -> None:
-    """Opened where the path is mounted (the shim's start: a pooled daemon's mount namespace
+    """Opened by the shim's start, where its path is mounted (a pooled daemon's mount namespace
     is a copy made at the fill, which may not have it)."""
+    paths.pool_file().parent.mkdir(parents=True)
+    paths.pool_file().write_text("{}")
     state = _member()
     daemon = FakeDaemon(state, qemu_pid=1, took=0.01)
-    adoption = pooled.Adoption([], "/b", "", b"", netns_path="/proc/self/ns/net")
+    args = _start_args(tmp_path, netns="/proc/self/ns/net")
+    shim = shim_main.Shim(args.address, args.namespace, "c1")
+    shim.dir.mkdir(parents=True)
     try:
         with listen_unix(tmp_path / "pod.sock") as listener:
-            pooled.hand_over(state, listener, adoption)
+            assert shim_main._pooled(args, shim, tmp_path, b"", listener)
         [(received, _, netns_fd)] = daemon.received
         assert received.netns_path == "/proc/self/ns/net" and netns_fd is not None
         assert os.fstat(netns_fd).st_ino == os.stat("/proc/self/ns/net").st_ino
@@ -148,10 +152,15 @@ def test_the_pods_network_namespace_comes_with_its_socket(tmp_path: Path) -> Non
         daemon.close()
 
 
-def test_a_missing_network_namespace_is_named(tmp_path: Path) -> None:
-    adoption = pooled.Adoption([], "/b", "", b"", netns_path=str(tmp_path / "gone"))
-    with listen_unix(tmp_path / "pod.sock") as listener, pytest.raises(NetworkError, match="gone"):
-        pooled.hand_over(_member(), listener, adoption)
+def test_a_pod_whose_network_namespace_is_gone_claims_no_member(tmp_path: Path) -> None:
+    paths.pool_file().parent.mkdir(parents=True)
+    paths.pool_file().write_text("{}")
+    member = _member()
+    args = _start_args(tmp_path, netns=str(tmp_path / "gone"))
+    shim = shim_main.Shim(args.address, args.namespace, "c1")
+    with socket.socket(socket.AF_UNIX) as listener:
+        assert not shim_main._pooled(args, shim, tmp_path, b"", listener)
+    assert (member.dir / pool.POOLED_MARK).exists()  # still in the pool
 
 
 @pytest.mark.parametrize(
@@ -213,9 +222,10 @@ def test_a_hand_over_without_the_socket_is_rejected() -> None:
             pooled.receive(daemon_end)
 
 
-def _start_args(bundle: Path) -> Any:
+def _start_args(bundle: Path, netns: str = "") -> Any:
     args = shim_main.parse_args(["-namespace", "default", "-address", "/run/c.sock", "-id", "c1", "start"])
-    (bundle / "config.json").write_text('{"linux": {"namespaces": [{"type": "network"}]}}')
+    spec = {"linux": {"namespaces": [{"type": "network", **({"path": netns} if netns else {})}]}}
+    (bundle / "config.json").write_text(json.dumps(spec))
     return args
 
 

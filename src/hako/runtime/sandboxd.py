@@ -463,6 +463,8 @@ class SandboxDaemon:
             adoption, listener, netns_fd = pooled.receive(conn)
         except (OSError, ValueError, TypeError, HakoError) as exc:
             self.log(f"a bad adoption: {exc}")
+            with contextlib.suppress(OSError):  # back in the pool
+                os.rename(self.run_dir / CLAIMED_MARK, self.run_dir / POOLED_MARK)
             return False
         try:
             wanted = pooled.template_of(adoption)

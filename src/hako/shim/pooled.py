@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hako.errors import HakoError, NetworkError, SandboxError
+from hako.errors import HakoError, SandboxError
 
 if TYPE_CHECKING:
     from hako.runtime.sandbox import Sandbox
@@ -99,8 +99,6 @@ def take(args: argparse.Namespace, shim: Shim, bundle: Path, options: bytes, lis
     """Have a pooled sandbox serve the pod on ``listener`` (the caller holds the pod's lock, and
     no shim serves it); False if none was taken: the pod should not take from the pool, or
     none of its members could be taken."""
-    from hako.runtime import pool
-    from hako.runtime.state import remove_dead
     from hako.shim import config as shim_config
 
     try:
@@ -110,28 +108,51 @@ def take(args: argparse.Namespace, shim: Shim, bundle: Path, options: bytes, lis
         return False  # the shim that starts its own VM reports what is wrong
     if not wanted(cfg) or (_kubernetes(spec) and not host_mounts_propagate()):
         return False
-    shape = pool.Shape(cfg.kernel, cfg.memory_mib, cfg.vcpus, pool.SHIM_NETWORK)
     netns_path = shim_config.network_namespace(spec)
     adoption = Adoption(args.argv, str(bundle), os.environ.get("TTRPC_ADDRESS", ""), options, netns_path)
-    while (taken := pool.take(None, pool.SHIM_NETWORK, shape)) is not None:
+    # Opened here, where its path is mounted: a pooled daemon's mount namespace is a copy made
+    # when the pool was filled, which may not have it.
+    try:
+        netns_fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC) if netns_path else None
+    except OSError:
+        return False  # the shim that starts its own VM reports it
+    try:
+        taken = _hand_over_to_one(cfg, listener, adoption, netns_fd)
+    finally:
+        if netns_fd is not None:
+            os.close(netns_fd)
+    if taken is None:
+        return False
+    state, qemu_pid = taken
+    shim.record(
+        shim_pid=state.daemon_pid,
+        qemu_pid=qemu_pid,
+        qemu_name=f"hako-{state.short_id}",
+        vm_dir=str(state.dir),
+        group=shim.group,
+        namespace=args.namespace,
+    )
+    return True
+
+
+def _hand_over_to_one(
+    cfg: shim_config.ShimConfig, listener: socket.socket, adoption: Adoption, netns_fd: int | None
+) -> tuple[SandboxState, int] | None:
+    """The pooled sandbox of the pod's shape that took the pod, and its QEMU's pid."""
+    from hako.runtime import pool
+    from hako.runtime.state import remove_dead
+
+    shape = pool.Shape(cfg.kernel, cfg.memory_mib, cfg.vcpus, pool.SHIM_NETWORK)
+    while (state := pool.take(None, pool.SHIM_NETWORK, shape)) is not None:
         try:
-            qemu_pid = hand_over(taken, listener, adoption)
+            return state, hand_over(state, listener, adoption, netns_fd)
         except Refused:
-            return False  # made for another configuration: so are its siblings, likely
+            return None  # made for another configuration: so are its siblings, likely
         except (OSError, ValueError, HakoError):
-            if not taken.daemon_alive():
-                remove_dead(taken)
-            continue  # it died in the pool: the next one, or a VM of the pod's own
-        shim.record(
-            shim_pid=taken.daemon_pid,
-            qemu_pid=qemu_pid,
-            qemu_name=f"hako-{taken.short_id}",
-            vm_dir=str(taken.dir),
-            group=shim.group,
-            namespace=args.namespace,
-        )
-        return True
-    return False
+            if not state.daemon_alive():
+                remove_dead(state)
+            # it died in the pool: the next one, or a VM of the pod's own
+    return None
 
 
 def _kubernetes(spec: dict[str, Any]) -> bool:
@@ -154,26 +175,19 @@ def host_mounts_propagate(mountinfo: str = "/proc/self/mountinfo") -> bool:
     return False
 
 
-def hand_over(state: SandboxState, listener: socket.socket, adoption: Adoption) -> int:
-    """Give the pooled sandbox ``state`` the pod: ``listener``, and the descriptor of the pod's
-    network namespace (opened here, where its path is mounted); its QEMU's pid."""
+def hand_over(
+    state: SandboxState, listener: socket.socket, adoption: Adoption, netns_fd: int | None = None
+) -> int:
+    """Give the pooled sandbox ``state`` the pod: ``listener``, and the pod's network namespace
+    ``netns_fd`` if it has one; its QEMU's pid."""
     from hako.runtime.paths import ADOPT_SOCKET
     from hako.runtime.sockets import connect_unix
 
-    fds = [listener.fileno()]
-    if adoption.netns_path:
-        try:
-            fds.append(os.open(adoption.netns_path, os.O_RDONLY | os.O_CLOEXEC))
-        except OSError as exc:
-            raise NetworkError(f"network namespace {adoption.netns_path}: {exc.strerror}") from exc
-    try:
-        with connect_unix(state.dir / ADOPT_SOCKET) as conn:
-            conn.settimeout(HANDOVER_TIMEOUT)
-            socket.send_fds(conn, [adoption.encode()], fds)
-            answer = json.loads(_read_line(conn))
-    finally:
-        for fd in fds[1:]:
-            os.close(fd)
+    fds = [listener.fileno()] + ([netns_fd] if netns_fd is not None else [])
+    with connect_unix(state.dir / ADOPT_SOCKET) as conn:
+        conn.settimeout(HANDOVER_TIMEOUT)
+        socket.send_fds(conn, [adoption.encode()], fds)
+        answer = json.loads(_read_line(conn))
     if "error" in answer:
         error = Refused if answer.get("refused") else SandboxError
         raise error(f"pooled sandbox {state.short_id}: {answer['error']}")
