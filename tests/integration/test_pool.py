@@ -182,3 +182,16 @@ def test_bad_pool_size(hako: Hako) -> None:
         or json.loads((hako.run_root / "pool.json").read_text()) == {}
     )
     assert Path(hako.run_root).is_dir()
+
+
+def test_a_pool_is_per_network(pooled: Hako) -> None:
+    """`hako run --network none` takes from the pool of `none`, the default run from the
+    bridge's; neither takes the other's."""
+    hako = pooled
+    [unnetworked] = hako("pool", "fill", "1", "--network", "none", check=True).stdout.split()
+    assert "none" in hako("pool", "ls", check=True).stdout.splitlines()[1].split()
+    figures, _ = _timed_run(hako, BUSYBOX, "true")
+    assert "pool_take" not in figures and unnetworked in _members(hako)  # none was of the bridge
+    figures, out = _timed_run(hako, "--network", "none", BUSYBOX, "ip", "-o", "-4", "addr")
+    assert "pool_take" in figures
+    assert "eth0" not in out, out  # the loopback only, as --network none gives
