@@ -16,6 +16,7 @@ from Debian's busybox-static). Needs root, QEMU and the built guest assets.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from hako import assets
@@ -117,10 +119,47 @@ class Memory:
         return f"QEMU {self.qemu:.1f} MiB{code} + daemon {self.daemon:.1f} MiB = {self.total:.1f} MiB PSS"
 
 
-def measure_memory(env: dict[str, str], count: int, template: str = "off", pool: bool = False) -> Memory:
+KSM = Path("/sys/kernel/mm/ksm")
+
+
+@contextlib.contextmanager
+def host_ksm(pages_to_scan: int = 1000) -> Iterator[None]:
+    """The host's KSM on (scanning ``pages_to_scan`` pages per 20 ms), then as it was: a
+    host-wide setting, which a benchmark that measures it must restore. Pages it merged are
+    unmerged again if it was off."""
+    names = ("run", "pages_to_scan", "sleep_millisecs")
+    before = {name: (KSM / name).read_text().strip() for name in names}
+    try:
+        for name, value in (("pages_to_scan", pages_to_scan), ("sleep_millisecs", 20), ("run", 1)):
+            (KSM / name).write_text(str(value))
+        yield
+    finally:
+        (KSM / "run").write_text("2" if before["run"] == "0" else before["run"])  # 2: unmerge all
+        for name in ("pages_to_scan", "sleep_millisecs"):
+            (KSM / name).write_text(before[name])
+        if before["run"] == "0":
+            (KSM / "run").write_text("0")
+
+
+def _ksm_settled(timeout: float = 180.0) -> None:
+    """Wait until KSM merges no more (its count of sharing pages moves by under 1% in 10 s)."""
+    deadline = time.monotonic() + timeout
+    previous = -1
+    while time.monotonic() < deadline:
+        sharing = int((KSM / "pages_sharing").read_text())
+        if previous >= 0 and abs(sharing - previous) <= previous / 100:
+            return
+        previous = sharing
+        time.sleep(10)
+
+
+def measure_memory(
+    env: dict[str, str], count: int, template: str = "off", pool: bool = False, ksm: bool = False
+) -> Memory:
     """PSS of an idle sandbox's QEMU and of its daemon, medians over ``count`` sandboxes running
     ``sleep`` at the same time. With ``pool``, the sandboxes are taken from a warm pool of
-    ``count`` (whose daemons one ``hako pool fill`` forked), which is not refilled."""
+    ``count`` (whose daemons one ``hako pool fill`` forked), which is not refilled. With ``ksm``
+    (the host's KSM on: :func:`host_ksm`), once KSM has merged what it will."""
     names = [f"mem{i}" for i in range(count)]
     try:
         if pool:
@@ -132,6 +171,8 @@ def measure_memory(env: dict[str, str], count: int, template: str = "off", pool:
             argv += [] if pool else ["--no-pool"]
             subprocess.run([*argv, IMAGE, "sleep", "1000"], env=env, check=True, capture_output=True)
         time.sleep(3)  # let the guests settle (warm-up thread, page cache)
+        if ksm:
+            _ksm_settled()
         qemu, daemon, code = [], [], []
         for directory in (Path(env["HAKO_RUN"]) / "sandboxes").iterdir():
             state = json.loads((directory / "state.json").read_text())

@@ -15,8 +15,11 @@ paths alike:
 then the host memory per idle cloned sandbox (PSS of its QEMU and of its daemon, with
 ``--clones`` of them running at once; the template's pages are shared between them), for
 clones that ``hako run -d`` restored and for clones it took from a warm pool (whose daemons,
-forked by one ``hako pool fill``, share their Python heap). QEMU's figure names the part that
-is TCG's translated code, which KVM does not have.
+forked by one ``hako pool fill``, share their Python heap), and those again with the host's KSM
+on (turned on for the measurement and restored after: it merges the identical pages that
+clones write, which they offer as clones sharing the template's pages do; see
+:mod:`hako.hypervisor.ksm`). QEMU's figure names the part that is TCG's translated code, which
+KVM does not have.
 
 Runs against a throw-away state, image and template store. Needs root, QEMU, the guest
 assets, runc and runsc (Debian packages).
@@ -40,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for bench.boot
 
-from bench.boot import IMAGE, hako_command, machine, measure_memory, run_once
+from bench.boot import IMAGE, hako_command, host_ksm, machine, measure_memory, run_once
 from hako.hypervisor import choose
 from hako.image.busybox import build_busybox_image
 from hako.image.store import ImageStore
@@ -168,6 +171,9 @@ def main() -> None:
         print(f"  restored by hako run -d:  {restored.describe()}")
         pooled = measure_memory(env, args.clones, template="auto", pool=True)
         print(f"  taken from the warm pool: {pooled.describe()}")
+        with host_ksm():
+            merged = measure_memory(env, args.clones, template="auto", pool=True, ksm=True)
+        print(f"  taken from the warm pool, the host's KSM on: {merged.describe()}")
         print(f"  for comparison, a booted sandbox (3 running): {measure_memory(env, 3).describe()}")
     finally:
         for root in (scratch / "runc", scratch / "runsc"):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -81,7 +83,7 @@ def test_argv_for_a_tcg_initramfs_sandbox(tmp_path: Path) -> None:
     argv = build_argv("qemu", _config(tmp_path), qmp_fd=5, agent_fd=6, tap_fd=7)
     joined = " ".join(argv)
     assert argv[0] == "qemu"
-    assert "-machine microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off" in joined
+    assert "-machine microvm,x-option-roms=off,isa-serial=on,rtc=on,mem-merge=off,acpi=off" in joined
     assert "-accel tcg" in joined
     assert argv[argv.index("-cpu") + 1] == "max,-erms"  # no byte-wise rep movsb/stosb under TCG
     assert "-m 256M" in joined and "-smp 2" in joined
@@ -215,3 +217,23 @@ def test_the_tap_persists_only_in_a_namespace_that_ends_with_the_sandbox(
     finally:
         os.close(namespace)
     assert asked == [persist]
+
+
+def test_a_process_offers_its_memory_to_ksm_and_its_children_inherit_it() -> None:
+    if not Path("/proc/self/ksm_stat").exists():
+        pytest.skip("this kernel does not say (/proc/PID/ksm_stat: Linux 6.1+ with KSM)")
+    script = (
+        "import subprocess\n"
+        "from hako.hypervisor import ksm\n"
+        "if not ksm.merge_this_process():\n"
+        "    print('unsupported')\n"
+        "else:\n"
+        "    print(open('/proc/self/ksm_stat').read())\n"
+        "    print(subprocess.run(['cat', '/proc/self/ksm_stat'], capture_output=True, text=True).stdout)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    if out.strip() == "unsupported":
+        pytest.skip("PR_SET_MEMORY_MERGE needs Linux 6.4")
+    assert out.count("ksm_merge_any: yes") == 2, out  # this process, and what it executes (QEMU)
+    before = Path("/proc/self/ksm_stat").read_text()
+    assert "ksm_merge_any: yes" not in before  # the test's own process was left alone

@@ -99,6 +99,19 @@ def test_a_private_clone_maps_its_own_copy(tmp_path: Path, files: dict[str, Path
     assert not vm.memory_shared
 
 
+@pytest.mark.parametrize(("private", "merge"), [(False, "on"), (True, "off")])
+def test_only_a_clone_that_shares_the_templates_pages_offers_its_own_to_ksm(
+    tmp_path: Path, files: dict[str, Path], private: bool, merge: str
+) -> None:
+    shared = dataclasses.replace(
+        _sandbox(tmp_path, files), template=tmp_path / "tpl", template_private=private
+    )
+    for config, expected in ((shared, merge), (shared.cold(), "off")):  # a boot shares nothing either
+        argv = build_argv("qemu", config.vm_config(), qmp_fd=5, agent_fd=6, tap_fd=7)
+        assert f",mem-merge={expected}," in argv[argv.index("-machine") + 1] + ","
+        assert config.vm_config().memory_merge == (expected == "on")
+
+
 def test_a_cold_config_boots(tmp_path: Path, files: dict[str, Path]) -> None:
     config = dataclasses.replace(_sandbox(tmp_path, files), template=tmp_path / "tpl", template_private=True)
     vm = config.cold().vm_config()

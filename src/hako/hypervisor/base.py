@@ -38,6 +38,10 @@ class VMConfig:
     memory_shared: bool = False
     # Restore the device state saved in this file instead of booting (with ``memory_file``).
     incoming: Path | None = None
+    # Let the host's KSM merge this VM's memory with other sandboxes' identical pages: guest RAM
+    # (QEMU's mem-merge) and QEMU's own (PR_SET_MEMORY_MERGE on the process that starts it,
+    # which QEMU inherits). Off: no page of it is merged, even where the host runs KSM.
+    memory_merge: bool = False
     # Empty virtio-blk devices that a container's disk is attached to while the VM runs (the
     # microvm machine has no hotplug, and a template's clones need the same devices).
     disk_slots: int = 1

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hako.errors import HakoError, HypervisorError
+from hako.hypervisor import ksm
 from hako.hypervisor import qemu_args as qa
 from hako.hypervisor.base import Hypervisor, VMConfig, cpu_model, disk_serial
 from hako.hypervisor.binary import find_qemu
@@ -77,7 +78,12 @@ def build_argv(
     cmdline = list(config.kernel_cmdline)
     if config.debug:
         cmdline.append("hako.debug=1")
-    machine: dict[str, qa.OptionValue | None] = {"x-option-roms": False, "isa-serial": True, "rtc": False}
+    machine: dict[str, qa.OptionValue | None] = {
+        "x-option-roms": False,
+        "isa-serial": True,
+        "rtc": False,
+        "mem-merge": config.memory_merge,
+    }
     for option in config.machine_options:
         key, _, value = option.partition("=")
         machine[key] = value
@@ -221,8 +227,13 @@ class QemuVM(Hypervisor):
         The kernel sends the parent-death signal when the *thread* that forked a
         child exits, not the process; so QEMU is started by its own watcher thread,
         and the caller may be any thread (a ttRPC handler, say) that ends soon after.
+
+        With ``memory_merge`` the calling process (the VM's owner: one per sandbox) and QEMU
+        offer their memory to the host's KSM (:mod:`hako.hypervisor.ksm`).
         """
         binary = find_qemu()
+        if self.config.memory_merge:
+            ksm.merge_this_process()
         run = self.config.run_dir
         run.mkdir(parents=True, exist_ok=True)
         state_fd = self._open_state()

@@ -70,7 +70,16 @@ class SandboxConfig:
         if self.template is None:
             return vm
         memory = self.private_memory if self.template_private else self.template / "memory"
-        return replace(vm, memory_file=memory, memory_shared=False, incoming=self.template / "state")
+        # A clone that shares the template's pages may share the pages it writes too, where the
+        # host runs KSM (the same side channel: see the README's security note); a private one
+        # shares nothing.
+        return replace(
+            vm,
+            memory_file=memory,
+            memory_shared=False,
+            incoming=self.template / "state",
+            memory_merge=not self.template_private,
+        )
 
     def _boot_config(self) -> VMConfig:
         initramfs = self.image.format == "initramfs"
