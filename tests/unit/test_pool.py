@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from hako.runtime import paths, pool
-from hako.runtime.state import SandboxState, Status, new_id, process_start_ticks
+from hako.runtime.state import SandboxState
+from tests.unit.pool_states import pooled_state
 
 STANDARD = pool.Shape("trimmed", 256, 1)
 
@@ -24,51 +24,17 @@ def roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def _pooled(
-    template: str = "tpl-a",
-    *,
-    alive: bool = True,
-    marked: bool = True,
-    memory_mib: int = 256,
-    network: str = "bridge",
-) -> SandboxState:
-    sandbox_id = new_id()
-    state = SandboxState(
-        id=sandbox_id,
-        name=f"pool-{sandbox_id[:12]}",
-        image="",
-        command=[],
-        created=0.0,
-        kernel="trimmed",
-        accel="tcg",
-        accel_reason="test",
-        memory_mib=memory_mib,
-        vcpus=1,
-        status=Status.POOLED,
-        template=template,
-        network=network,
-        # a live process stands in for the daemon; a pid that cannot exist for a dead one
-        daemon_pid=os.getpid() if alive else 2**22 + 1,
-        daemon_start_ticks=process_start_ticks(os.getpid()),
-    )
-    state.dir.mkdir(parents=True)
-    state.save()
-    if marked:
-        (state.dir / pool.POOLED_MARK).touch()
-    return state
-
-
 def test_members_are_alive_unclaimed_and_of_the_template() -> None:
-    ready = _pooled()
-    _pooled("tpl-b")
-    _pooled(alive=False)
-    _pooled(marked=False)  # claimed by someone already
+    ready = pooled_state()
+    pooled_state("tpl-b")
+    pooled_state(alive=False)
+    pooled_state(marked=False)  # claimed by someone already
     assert [s.id for s in pool.members("tpl-a")] == [ready.id]
     assert len(pool.members()) == 2
 
 
 def test_take_is_once(roots: Path) -> None:
-    only = _pooled()
+    only = pooled_state()
     assert pool.take("tpl-a") is None  # no pool was filled here (no pool.json): nothing is read
     pool.set_wanted(STANDARD, 1)  # as `hako pool fill` does
     taken = pool.take("tpl-a")
@@ -80,8 +46,8 @@ def test_take_is_once(roots: Path) -> None:
 
 def test_take_is_of_the_network_and_shape_asked_for(roots: Path) -> None:
     pool.set_wanted(STANDARD, 1)
-    bridged, bigger = _pooled(), _pooled(memory_mib=512, network="none")
-    unnetworked = _pooled(network="none")
+    bridged, bigger = pooled_state(), pooled_state(memory_mib=512, network="none")
+    unnetworked = pooled_state(network="none")
     assert pool.take("tpl-a", "none", pool.Shape("trimmed", 256, 1, "none")) == unnetworked
     assert pool.take(None, "none", pool.Shape("trimmed", 256, 1, "none")) is None
     assert pool.take(None, "none") == bigger  # any shape
@@ -89,9 +55,9 @@ def test_take_is_of_the_network_and_shape_asked_for(roots: Path) -> None:
 
 
 def test_stale_members_are_the_dead_and_those_of_removed_templates(roots: Path) -> None:
-    ready = _pooled()
-    dead = _pooled(alive=False)
-    orphan = _pooled("tpl-b")
+    ready = pooled_state()
+    dead = pooled_state(alive=False)
+    orphan = pooled_state("tpl-b")
     (roots / "templates" / "tpl-b").rmdir()  # its inputs changed: the template was pruned
     assert {s.id for s in pool.stale()} == {dead.id, orphan.id}
     assert [s.id for s in pool.members()] == [ready.id]
@@ -132,8 +98,8 @@ def test_no_refill_unless_short(monkeypatch: pytest.MonkeyPatch) -> None:
     started: list[list[str]] = []
     monkeypatch.setattr(subprocess, "Popen", lambda argv, **kw: started.append(argv))
     pool.refill_in_background(STANDARD)  # no pool wanted
-    _pooled()
-    _pooled(memory_mib=512)  # another shape's member does not count
+    pooled_state()
+    pooled_state(memory_mib=512)  # another shape's member does not count
     pool.set_wanted(STANDARD, 1)
     pool.refill_in_background(STANDARD)  # full
     assert started == []
@@ -156,7 +122,7 @@ def test_fill_preloads_the_daemon_once_before_its_first_fork(monkeypatch: pytest
 
     def add_one(shape: pool.Shape) -> SandboxState:
         events.append("fork")
-        return _pooled()
+        return pooled_state()
 
     monkeypatch.setattr(pool_cli, "_add_one", add_one)
     args = argparse.Namespace(size=2, shape=STANDARD.key, refill=False, memory=None, cpus=None)

@@ -16,11 +16,12 @@ import pytest
 from hako.errors import ConfigError, SandboxError
 from hako.runtime import paths, pool
 from hako.runtime.sockets import connect_unix, listen_unix
-from hako.runtime.state import SandboxState, Status, new_id, process_start_ticks
+from hako.runtime.state import SandboxState
 from hako.shim import config as shim_config
 from hako.shim import main as shim_main
 from hako.shim import pooled
 from hako.shim.pod import Pod
+from tests.unit.pool_states import pooled_state
 from tests.unit.shim_fakes import RecordingPublisher
 
 ADOPTION = pooled.Adoption(
@@ -65,28 +66,7 @@ def test_the_pool_is_turned_off_in_the_shims_config() -> None:
 
 
 def _member(network: str = "none") -> SandboxState:
-    sandbox_id = new_id()
-    state = SandboxState(
-        id=sandbox_id,
-        name=f"pool-{sandbox_id[:12]}",
-        image="",
-        command=[],
-        created=0.0,
-        kernel="trimmed",
-        accel="tcg",
-        accel_reason="test",
-        memory_mib=256,
-        vcpus=1,
-        status=Status.POOLED,
-        template="tpl",
-        network=network,
-        daemon_pid=os.getpid(),
-        daemon_start_ticks=process_start_ticks(os.getpid()),
-    )
-    state.dir.mkdir(parents=True)
-    state.save()
-    (state.dir / pool.POOLED_MARK).touch()
-    return state
+    return pooled_state("tpl", network=network)
 
 
 class FakeDaemon:
