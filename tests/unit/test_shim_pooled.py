@@ -251,6 +251,7 @@ class FakeSandbox:
         self.stopped = False
         self.fail = fail
         self.hostnames: list[str] = []
+        self.timing = {"identity": 0.012}
 
     def start(self) -> None:
         self.started = True
@@ -276,7 +277,7 @@ def test_the_pod_uses_the_pooled_vm_as_it_is(tmp_path: Path) -> None:
     assert not sandbox.started and vms == [4321]
     assert sandbox.hostnames == ["web-1"]  # the pod's, not the pooled sandbox's
     assert sandbox.warn == log.append  # its warnings go to the pod's log now
-    assert "taken from the warm pool" in log[0]
+    assert "taken from the warm pool" in log[0] and "given in 0.01 s" in log[1]
 
 
 def test_a_pod_without_a_hostname_gives_the_pooled_vm_its_own(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
-"""``hako pool fill|ls|drain``: the warm pool of restored, paused sandboxes `hako run` takes.
+"""``hako pool fill|ls|drain``: the warm pool of restored, paused sandboxes that `hako run`
+and the containerd shim take.
 
-``fill N`` keeps N of a kernel and VM size (made now; `hako run` refills in the background
-after taking one), ``ls`` lists them, ``drain`` stops them all and keeps none.
+``fill N`` keeps N of a kernel, VM size and network (made now; `hako run` and the shim refill
+in the background after taking one), ``ls`` lists them, ``drain`` stops them all and keeps none.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ READY_TIMEOUT = 180.0
 
 
 def add_parsers(commands: Any) -> None:
-    p = commands.add_parser("pool", help="the warm pool of restored, paused VMs hako run takes")
+    p = commands.add_parser("pool", help="the warm pool of restored, paused VMs hako run and the shim take")
     sub = p.add_subparsers(dest="action", required=True)
     f = sub.add_parser("fill", help="keep N pooled sandboxes (made now)")
     f.add_argument("size", type=int, nargs="?", help="how many to keep (default: as set before, else 1)")
@@ -41,7 +42,7 @@ def add_parsers(commands: Any) -> None:
         "--network",
         choices=("bridge", "none"),
         default="bridge",
-        help="for `hako run --network none` and containerd pods without a network namespace: none",
+        help="bridge: for `hako run`; none: for `hako run --network none` and containerd pods",
     )
     f.add_argument("--refill", action="store_true", help=argparse.SUPPRESS)  # hako run's top-up
     f.add_argument("--shape", help=argparse.SUPPRESS)  # ... of the pool it took from

@@ -155,6 +155,10 @@ class Pod:
             except BaseException:
                 sandbox.stop()
                 raise
+            took = sandbox.timing.get("identity", 0.0)
+            self.log(
+                f"VM ready: QEMU pid {sandbox.vm.pid}, the pod's hostname and network given in {took:.2f} s"
+            )
             self.sandbox = sandbox
             self._on_vm(sandbox.vm.pid)
             return sandbox
