@@ -8,12 +8,15 @@ the guest boots. It answers one line of JSON, or exits non-zero with a one-line 
     python -m hako.network.wire --netns-fd N routed --sandbox-id ID --address A
         make the veth pair (``eth0`` inside, ``hk<id>`` on the host, the MAC for A), redirect
         between ``eth0`` and the tap, and connect the host's end (:mod:`hako.network.host`)
-    python -m hako.network.wire --netns-fd N joined [--tap-from-netns-fd M]
+    python -m hako.network.wire --netns-fd N joined
         find the namespace's configured interface (containerd's CNI made it), redirect between
-        it and the tap, and answer the guest's configuration read off it; the tap is first moved
-        there from namespace M if given (a pooled VM's, which a pod took)
+        it and the tap, and answer the guest's configuration read off it
     python -m hako.network.wire --netns-fd N rewire --veth NAME
         redirect between NAME and the tap again (the VM, and with it its tap, was replaced)
+
+A pooled sandbox's daemon, which its filler gave pyroute2 before forking it, calls
+:func:`joined` itself, with the tap to move there first from the VM's own namespace (see
+:meth:`hako.network.sandbox.SandboxNetwork.move_into`).
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ def routed(netns_fd: int, sandbox_id: str, address: ipaddress.IPv4Address) -> di
 
 
 def joined(netns_fd: int, tap_from: int | None = None) -> dict[str, Any]:
+    """Redirect between the namespace's interface and the tap (moved there first from the
+    namespace ``tap_from``, if given); the guest's configuration, read off the interface."""
     if tap_from is not None:
         source = inside(tap_from)
         try:
@@ -158,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     routed_parser = commands.add_parser("routed")
     routed_parser.add_argument("--sandbox-id", required=True)
     routed_parser.add_argument("--address", type=ipaddress.IPv4Address, required=True)
-    joined_parser = commands.add_parser("joined")
-    joined_parser.add_argument("--tap-from-netns-fd", type=int)
+    commands.add_parser("joined")
     rewire_parser = commands.add_parser("rewire")
     rewire_parser.add_argument("--veth", required=True)
     args = parser.parse_args(argv)
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "routed":
             answer = routed(args.netns_fd, args.sandbox_id, args.address)
         elif args.command == "joined":
-            answer = joined(args.netns_fd, args.tap_from_netns_fd)
+            answer = joined(args.netns_fd)
         else:
             answer = rewire(args.netns_fd, args.veth)
     except (HakoError, NetlinkError, OSError) as exc:

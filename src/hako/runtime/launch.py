@@ -81,6 +81,7 @@ def preload_daemon(*, shim: bool = False) -> None:
     from hako.runtime import mounts, sandboxd  # noqa: F401
 
     if shim:
+        from hako.network import wire  # noqa: F401  (pyroute2: moving the tap into a pod's netns)
         from hako.shim import pooled, serve  # noqa: F401
 
 
