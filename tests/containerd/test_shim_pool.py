@@ -123,3 +123,8 @@ def test_a_pod_with_a_network_namespace_takes_a_pooled_vm_into_it(
     assert f"inet {POD_ADDRESS}/24" in result.stdout and f"default via {HOST_ADDRESS}" in result.stdout
     assert result.stdout.endswith("reached\n"), result.stdout
     assert f"taken from the warm pool (sandbox {member}" in pool.log_tail(400)
+    # The pod's namespace is someone else's and outlives the pod: nothing of the VM stays in it.
+    links = subprocess.run(
+        ["ip", "-n", Path(pod_netns).name, "-o", "link"], capture_output=True, text=True, check=True
+    )
+    assert "tap0" not in links.stdout, links.stdout

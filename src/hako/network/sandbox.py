@@ -25,6 +25,7 @@ only once they are in place (``wait_wired``).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -102,6 +103,7 @@ class SandboxNetwork:
         self._veth = VETH  # the namespace's own end, which the tap stands in for
         self._wired = threading.Event()
         self._wire_error: BaseException | None = None
+        self._moved = False  # the tap was moved into this (joined) namespace: see move_into
         self._closed = False
 
     @property
@@ -161,6 +163,7 @@ class SandboxNetwork:
         if self.mode != "none":
             raise NetworkError(f"only a sandbox of network none can move into a pod's, not {self.mode}")
         own, self.netns_fd, self.mode = self.netns_fd, netns_fd, "joined"
+        self._moved = True
         self._wired.clear()
         threading.Thread(target=self._wire, args=(own,), daemon=True, name="net-move").start()
 
@@ -235,12 +238,20 @@ class SandboxNetwork:
         host.publish(self.holder, self.address, mappings)
 
     def close(self) -> None:
-        """Give back the address and ports, and let go of the namespace (it ends with QEMU)."""
+        """Give back the address and ports, and let go of the namespace (it ends with QEMU). A
+        tap moved into a pod's namespace, which outlives the sandbox, is deleted."""
         if self._closed:
             return
         self._closed = True
         if self.mode == "bridge":
             host.release(self.sandbox_id)
+        if self._moved:
+            from pyroute2.netlink.exceptions import NetlinkError
+
+            from hako.network import wire
+
+            with contextlib.suppress(OSError, NetlinkError, HakoError):
+                wire.remove_tap(self.netns_fd)
         os.close(self.netns_fd)
 
 

@@ -97,6 +97,17 @@ def joined(netns_fd: int, tap_from: int | None = None) -> dict[str, Any]:
     return {"veth": name, "guest": dataclasses.asdict(guest)}
 
 
+def remove_tap(netns_fd: int) -> None:
+    """Delete the namespace's tap: one moved there from a VM's own namespace persists (it was
+    made to outlast its QEMU there, see :func:`hako.network.netns.open_tap`)."""
+    ipr = inside(netns_fd)
+    try:
+        with contextlib.suppress(NetworkError):  # gone already
+            ipr.link("del", index=host.index_of(ipr, netns.TAP_NAME))
+    finally:
+        ipr.close()
+
+
 def rewire(netns_fd: int, veth: str) -> dict[str, Any]:
     ipr = inside(netns_fd)
     try:
