@@ -463,8 +463,7 @@ class SandboxDaemon:
             adoption, listener, netns_fd = pooled.receive(conn)
         except (OSError, ValueError, TypeError, HakoError) as exc:
             self.log(f"a bad adoption: {exc}")
-            with contextlib.suppress(OSError):  # back in the pool
-                os.rename(self.run_dir / CLAIMED_MARK, self.run_dir / POOLED_MARK)
+            self._back_in_the_pool()
             return False
         try:
             wanted = pooled.template_of(adoption)
@@ -472,8 +471,7 @@ class SandboxDaemon:
             wanted = f"none ({exc})"
         error, refused = "", False
         if wanted != self.state.template:
-            with contextlib.suppress(OSError):  # back in the pool
-                os.rename(self.run_dir / CLAIMED_MARK, self.run_dir / POOLED_MARK)
+            self._back_in_the_pool()
             self.log(f"refused the containerd pod of {adoption.bundle}: it asks for template {wanted}")
             error, refused = f"the pod asks for template {wanted}", True
         else:
@@ -491,6 +489,13 @@ class SandboxDaemon:
         self.log(f"adopted by the containerd pod of {adoption.bundle} in {took * 1000:.0f} ms")
         pooled.answer(conn, qemu_pid=self.sandbox.vm.pid or 0, took=took)
         return True
+
+    def _back_in_the_pool(self) -> None:
+        """The taker that renamed this sandbox's pooled mark gave up on it: it can be taken again
+        (unless a `hako run` claimed it meanwhile)."""
+        if not self.claimed.is_set():
+            with contextlib.suppress(OSError):
+                os.rename(self.run_dir / CLAIMED_MARK, self.run_dir / POOLED_MARK)
 
     def _become_shim(self, adoption: Adoption, listener: socket.socket, netns_fd: int | None) -> int:
         """Hand the sandbox to the containerd shim this process becomes; its state goes (the pod
