@@ -1,4 +1,5 @@
-"""The warm pool: sandboxes restored from a template, set up, and paused, for `hako run` to take.
+"""The warm pool: sandboxes restored from a template, set up, and paused, for `hako run` (and
+the containerd shim: :mod:`hako.shim.pooled`) to take.
 
 A pooled sandbox is an ordinary sandbox (a daemon, its run dir, its state) whose daemon was
 told to wait: once its VM is restored, the agent has set the sandbox up (its network,
@@ -8,9 +9,9 @@ hostname and entropy given) and a throw-away container has run in it (the warm-u
 daemon's ``Claim``: the VM resumes, takes the host's clock and fresh entropy, and the
 sandbox becomes the new container. A paused VM uses no CPU; its memory is what a clone's is.
 
-How many to keep, per :class:`Shape` (kernel and VM size), is ``<run root>/pool.json``
-(``hako pool fill N [--memory/--cpus]`` sets it); ``hako run`` starts a refill of the shape it
-took in the background.
+How many to keep, per :class:`Shape` (kernel, VM size and network), is ``<run root>/pool.json``
+(``hako pool fill N [--memory/--cpus/--network]`` sets it); ``hako run`` starts a refill of
+the shape it took in the background, and so does a pod that took one.
 """
 
 from __future__ import annotations

@@ -18,6 +18,11 @@ stdin, resize, stats, processes), and a few are its own:
 Once the main process has exited, its output is drained and no client is
 connected, the daemon stops the VM, reports its final state through the
 notification pipe and exits (removing its state with ``--rm``).
+
+A daemon in the warm pool (:mod:`hako.runtime.pool`) waits with its VM paused until a
+``hako run`` claims it (the Daemon service's ``Claim``), or, in a pool of network ``none``,
+until a containerd shim's ``start`` hands it a pod on ``adopt.sock``: it then becomes that
+pod's shim (:mod:`hako.shim.pooled`).
 """
 
 from __future__ import annotations
