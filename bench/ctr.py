@@ -10,19 +10,20 @@ waits for the pool's background refill, so that it never competes for the CPU). 
 the pool is drained, the daemon is stopped and anything left behind is reported (and fails the
 benchmark).
 
-    sudo .venv/bin/python bench/ctr.py [--runs 10] [--debug]
+    sudo .venv/bin/python bench/ctr.py [--runs 10] [--netns] [--debug]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo: tests.
 
 from bench.boot import machine
 from hako.hypervisor import choose
-from tests.containerd.harness import HAKO, NAMESPACE, RUNC, VENV_BIN, Containerd, Runtime, unique_id
+from tests.containerd.harness import HAKO, NAMESPACE, RUNC, Containerd, Runtime, unique_id
 
 
 @dataclass(frozen=True)
@@ -43,33 +44,54 @@ class RunPath:
     pooled: bool = False
 
 
-def hako(daemon: Containerd, *args: str) -> str:
-    """hako as the shims see it (containerd's environment: the same pool and templates)."""
-    result = subprocess.run(
-        [str(VENV_BIN / "hako"), *args], env=daemon.env, capture_output=True, text=True, check=False
-    )
+def hako(daemon: Containerd, *args: str) -> None:
+    result = daemon.hako(*args)
     if result.returncode != 0:
         raise SystemExit(f"hako {' '.join(args)} failed: {result.stderr.strip()}")
-    return result.stdout
 
 
 def wait_for_pool(daemon: Containerd, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
-    while " ready " not in hako(daemon, "pool", "ls"):
+    while not daemon.pool_ready():
         if time.monotonic() > deadline:
             raise SystemExit("the warm pool did not refill")
         time.sleep(0.2)
 
 
-def run_once(daemon: Containerd, path: RunPath) -> float:
+@contextlib.contextmanager
+def pod_namespace() -> Iterator[str]:
+    """A network namespace as CNI's bridge plugin leaves one for a pod: a veth ``eth0`` with an
+    address and a default route, its peer on the host; its path."""
+    name = unique_id("hako-bench")
+    peer = f"hb{name[-10:]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        for step in (
+            ["link", "add", peer, "type", "veth", "peer", "name", "eth0", "netns", name],
+            ["addr", "add", "10.215.0.1/24", "dev", peer],
+            ["link", "set", peer, "up"],
+            ["-n", name, "addr", "add", "10.215.0.2/24", "dev", "eth0"],
+            ["-n", name, "link", "set", "eth0", "up"],
+            ["-n", name, "route", "add", "default", "via", "10.215.0.1"],
+        ):
+            subprocess.run(["ip", *step], check=True)
+        yield f"/run/netns/{name}"
+    finally:
+        subprocess.run(["ip", "link", "del", peer], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+def run_once(daemon: Containerd, path: RunPath, netns: bool) -> float:
     if path.pooled:
         wait_for_pool(daemon)
         time.sleep(1.0)  # the refill's own processes end just after its VM is ready
     ctr = daemon.ctr(NAMESPACE)
     container = unique_id(f"bench-{path.runtime.name}")
-    started = time.perf_counter()
-    result = ctr.run(path.runtime, container, "true", options=path.options)
-    wall = time.perf_counter() - started
+    with pod_namespace() if netns else contextlib.nullcontext("") as namespace:
+        options = [*path.options, *(["--with-ns", f"network:{namespace}"] if namespace else [])]
+        started = time.perf_counter()
+        result = ctr.run(path.runtime, container, "true", options=options)
+        wall = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"ctr run ({path.label}) failed ({result.returncode}): {result.stderr.strip()}")
     return wall
@@ -79,6 +101,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=10, help="runs per runtime (median reported)")
     parser.add_argument("--debug", action="store_true", help="containerd at debug level (slower)")
+    parser.add_argument(
+        "--netns",
+        action="store_true",
+        help="each run in a network namespace of its own, as CNI makes one for a pod (--with-ns)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench/ctr.py runs containerd and VMs: run it as root")
@@ -101,11 +128,11 @@ def main() -> None:
         daemon.import_images((NAMESPACE,))
         hako(daemon, "pool", "fill", "1", "--network", "none")
         for path in paths:  # one warm-up each: page cache, snapshot unpack, Python bytecode
-            run_once(daemon, path)
+            run_once(daemon, path, args.netns)
         times: dict[RunPath, list[float]] = {path: [] for path in paths}
         for _ in range(args.runs):
             for path in paths:
-                times[path].append(run_once(daemon, path))
+                times[path].append(run_once(daemon, path, args.netns))
     finally:
         if daemon.pid is not None:
             hako(daemon, "pool", "drain")
@@ -113,7 +140,8 @@ def main() -> None:
         no_pool.unlink(missing_ok=True)
         no_pool.parent.rmdir()
 
-    print(f"runs: {args.runs} per path, interleaved, after a warm-up each; wall time of ctr\n")
+    where = ", each in a pod's network namespace (--with-ns)" if args.netns else ""
+    print(f"runs: {args.runs} per path, interleaved, after a warm-up each{where}; wall time of ctr\n")
     print(f"{'ctr run --rm IMG true':<38}{'median':>10}{'min':>10}{'max':>10}{'vs runc':>10}")
     runc = statistics.median(times[paths[0]])
     for path, values in times.items():
