@@ -19,11 +19,10 @@ import argparse
 import contextlib
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo: tests.
 
 from bench.boot import machine
 from hako.hypervisor import choose
-from tests.containerd.harness import HAKO, NAMESPACE, RUNC, Containerd, Runtime, unique_id
+from tests.containerd.harness import HAKO, NAMESPACE, RUNC, Containerd, Runtime, pod_namespace, unique_id
 
 
 @dataclass(frozen=True)
@@ -56,29 +55,6 @@ def wait_for_pool(daemon: Containerd, timeout: float = 300.0) -> None:
         if time.monotonic() > deadline:
             raise SystemExit("the warm pool did not refill")
         time.sleep(0.2)
-
-
-@contextlib.contextmanager
-def pod_namespace() -> Iterator[str]:
-    """A network namespace as CNI's bridge plugin leaves one for a pod: a veth ``eth0`` with an
-    address and a default route, its peer on the host; its path."""
-    name = unique_id("hako-bench")
-    peer = f"hb{name[-10:]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        for step in (
-            ["link", "add", peer, "type", "veth", "peer", "name", "eth0", "netns", name],
-            ["addr", "add", "10.215.0.1/24", "dev", peer],
-            ["link", "set", peer, "up"],
-            ["-n", name, "addr", "add", "10.215.0.2/24", "dev", "eth0"],
-            ["-n", name, "link", "set", "eth0", "up"],
-            ["-n", name, "route", "add", "default", "via", "10.215.0.1"],
-        ):
-            subprocess.run(["ip", *step], check=True)
-        yield f"/run/netns/{name}"
-    finally:
-        subprocess.run(["ip", "link", "del", peer], capture_output=True, check=False)
-        subprocess.run(["ip", "netns", "del", name], check=True)
 
 
 def run_once(daemon: Containerd, path: RunPath, netns: bool) -> float:

@@ -449,6 +449,33 @@ def unique_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
+POD_SUBNET_HOST, POD_SUBNET_POD = "10.213.77.1", "10.213.77.2"  # a /24 of pod_namespace's
+
+
+@contextlib.contextmanager
+def pod_namespace() -> Iterator[str]:
+    """A network namespace as CNI's bridge plugin leaves one for a pod: a veth ``eth0`` with
+    the address POD_SUBNET_POD and a default route, its peer on the host with POD_SUBNET_HOST
+    (``ip netns``); its path, for ``ctr run --with-ns network:PATH``."""
+    name = unique_id("hako-pod")
+    peer = f"hp{name[-10:]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        for step in (
+            ["link", "add", peer, "type", "veth", "peer", "name", "eth0", "netns", name],
+            ["addr", "add", f"{POD_SUBNET_HOST}/24", "dev", peer],
+            ["link", "set", peer, "up"],
+            ["-n", name, "addr", "add", f"{POD_SUBNET_POD}/24", "dev", "eth0"],
+            ["-n", name, "link", "set", "eth0", "up"],
+            ["-n", name, "route", "add", "default", "via", POD_SUBNET_HOST],
+        ):
+            subprocess.run(["ip", *step], check=True)
+        yield f"/run/netns/{name}"
+    finally:
+        subprocess.run(["ip", "link", "del", peer], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", name], check=True)
+
+
 # -- ctr ------------------------------------------------------------------------------------------
 
 

@@ -15,7 +15,17 @@ from pathlib import Path
 import pytest
 
 from hako.shim.main import Shim
-from tests.containerd.harness import HAKO, NAMESPACE, Containerd, Ctr, qemu_processes, unique_id
+from tests.containerd.harness import (
+    HAKO,
+    NAMESPACE,
+    POD_SUBNET_HOST,
+    POD_SUBNET_POD,
+    Containerd,
+    Ctr,
+    pod_namespace,
+    qemu_processes,
+    unique_id,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -84,29 +94,8 @@ def test_a_pod_that_asks_for_another_vm_leaves_the_pooled_one(
 
 @pytest.fixture
 def pod_netns() -> Iterator[str]:
-    """A network namespace as CNI leaves one for a pod: a veth ``eth0`` with an address and a
-    default route, its peer on the host (``ip netns``: /run/netns/NAME)."""
-    name = unique_id("hk-pool")
-    peer = f"hp{name[-10:]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        steps = [
-            ["ip", "link", "add", peer, "type", "veth", "peer", "name", "eth0", "netns", name],
-            ["ip", "addr", "add", f"{HOST_ADDRESS}/24", "dev", peer],
-            ["ip", "link", "set", peer, "up"],
-            ["ip", "-n", name, "addr", "add", f"{POD_ADDRESS}/24", "dev", "eth0"],
-            ["ip", "-n", name, "link", "set", "eth0", "up"],
-            ["ip", "-n", name, "route", "add", "default", "via", HOST_ADDRESS],
-        ]
-        for step in steps:
-            subprocess.run(step, check=True)
-        yield f"/run/netns/{name}"
-    finally:
-        subprocess.run(["ip", "link", "del", peer], check=False, capture_output=True)
-        subprocess.run(["ip", "netns", "del", name], check=True)
-
-
-HOST_ADDRESS, POD_ADDRESS = "10.213.77.1", "10.213.77.2"
+    with pod_namespace() as path:
+        yield path
 
 
 def test_a_pod_with_a_network_namespace_takes_a_pooled_vm_into_it(
@@ -115,12 +104,12 @@ def test_a_pod_with_a_network_namespace_takes_a_pooled_vm_into_it(
     """The pooled VM's tap moves into the pod's namespace, and the guest takes the veth's
     address, MAC and routes: the host reaches the container, and the container the host."""
     [member] = pool.pool_ready()
-    script = f"ip -o -4 addr show eth0; ip route; ping -c 1 -W 5 {HOST_ADDRESS} >/dev/null && echo reached"
+    script = f"ip -o -4 addr show eth0; ip route; ping -c 1 -W 5 {POD_SUBNET_HOST} >/dev/null && echo reached"
     result = ctr.run(
         HAKO, unique_id("netns"), "sh", "-c", script, options=["--with-ns", f"network:{pod_netns}"]
     )
     assert result.returncode == 0, result.stderr
-    assert f"inet {POD_ADDRESS}/24" in result.stdout and f"default via {HOST_ADDRESS}" in result.stdout
+    assert f"inet {POD_SUBNET_POD}/24" in result.stdout and f"default via {POD_SUBNET_HOST}" in result.stdout
     assert result.stdout.endswith("reached\n"), result.stdout
     assert f"taken from the warm pool (sandbox {member}" in pool.log_tail(400)
     # The pod's namespace is someone else's and outlives the pod: nothing of the VM stays in it.
