@@ -260,16 +260,22 @@ def test_delete_cleans_up_after_a_dead_shim(
     assert response.exited_at.seconds > 0
 
 
+def _dead_pod(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Shim]:
+    """The bundle of pod-a's app container, and the state its shim left when it died."""
+    monkeypatch.setattr(mounts, "umount", lambda target: None)
+    bundle = _bundle(tmp_path, "app", _in_pod("pod-a"))
+    shim = Shim(ADDRESS, "k8s.io", "pod-a")
+    shim.dir.mkdir(parents=True)
+    return bundle, shim
+
+
 def test_delete_kills_only_the_pods_own_qemu(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsysbinary: pytest.CaptureFixture[bytes],
     sleeper: list[subprocess.Popen[bytes]],
 ) -> None:
-    monkeypatch.setattr(mounts, "umount", lambda target: None)
-    bundle = _bundle(tmp_path, "app", _in_pod("pod-a"))
-    shim = Shim(ADDRESS, "k8s.io", "pod-a")
-    shim.dir.mkdir(parents=True)
+    bundle, shim = _dead_pod(tmp_path, monkeypatch)
     stranger = _sleep(sleeper, "-name", "hako-000000000000")  # the pid was reused by someone else
     shim.record(qemu_pid=stranger.pid)
     monkeypatch.chdir(bundle)  # no -bundle: the bundle is the working directory
@@ -286,10 +292,7 @@ def test_delete_cleans_up_after_a_dead_shim_that_took_its_vm_from_the_pool(
     sleeper: list[subprocess.Popen[bytes]],
 ) -> None:
     """The pooled sandbox's QEMU has the pooled sandbox's name, and its run dir is its own."""
-    monkeypatch.setattr(mounts, "umount", lambda target: None)
-    bundle = _bundle(tmp_path, "app", _in_pod("pod-a"))
-    shim = Shim(ADDRESS, "k8s.io", "pod-a")
-    shim.dir.mkdir(parents=True)
+    bundle, shim = _dead_pod(tmp_path, monkeypatch)
     vm_dir = paths.sandboxes_dir() / ("a" * 64)
     vm_dir.mkdir(parents=True)
     qemu = _sleep(sleeper, "-name", "hako-aaaaaaaaaaaa")

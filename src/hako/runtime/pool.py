@@ -24,7 +24,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from hako.runtime import paths
 from hako.runtime.state import SandboxState, Status, all_states
@@ -64,13 +63,9 @@ class Shape:
         return cls(state.kernel, state.memory_mib, state.vcpus, state.network or "bridge")
 
 
-def _file() -> Path:
-    return paths.pool_file()
-
-
 def _sizes() -> dict[str, int]:
     try:
-        sizes = json.loads(_file().read_text())
+        sizes = json.loads(paths.pool_file().read_text())
     except (OSError, ValueError):
         return {}
     return sizes if isinstance(sizes, dict) else {}
@@ -97,10 +92,11 @@ def set_wanted(shape: Shape, size: int) -> None:
     to finish to say that no more are wanted; the fill reads it before each one it makes)."""
     sizes = _sizes()
     sizes[shape.key] = size
-    _file().parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = _file().with_name(f".{_file().name}.{os.getpid()}")
+    file = paths.pool_file()
+    file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = file.with_name(f".{file.name}.{os.getpid()}")
     tmp.write_text(json.dumps(sizes))
-    os.replace(tmp, _file())
+    os.replace(tmp, file)
 
 
 @contextlib.contextmanager
@@ -124,7 +120,7 @@ def members(template: str | None = None, network: str | None = None) -> list[San
         if state.status == Status.POOLED
         and state.daemon_alive()
         and (template is None or state.template == template)
-        and (network is None or (state.network or "bridge") == network)
+        and (network is None or Shape.of(state).network == network)
         and (state.dir / POOLED_MARK).exists()
         and _template_exists(state)
     ]
@@ -148,7 +144,7 @@ def _template_exists(state: SandboxState) -> bool:
 
 def filled() -> bool:
     """Whether a pool was ever filled here (else there is no member to look for)."""
-    return _file().exists()
+    return paths.pool_file().exists()
 
 
 def take(template: str | None, network: str = "bridge", shape: Shape | None = None) -> SandboxState | None:

@@ -136,18 +136,15 @@ class Sandbox:
         share = pb.Storage(
             driver="9p", source="hako", fstype="9p", options=SHARE_OPTIONS, mount_point=GUEST_SHARED
         )
-        guest_network = self.network.guest() if self.network is not None else GuestNetwork()
         # Its own identity, even in a clone of a template: hostname, clock, fresh entropy, and
         # its NIC's MAC and addresses.
         agent.create_sandbox(
             self.config.sandbox_id,
             self.config.hostname,
             storages=[share],
-            dns=guest_network.dns,
             time_unix_ns=time.time_ns(),
             entropy=os.urandom(ENTROPY_BYTES),
-            interfaces=[_interface_pb(i) for i in guest_network.interfaces],
-            routes=[_route_pb(r) for r in guest_network.routes],
+            **self._guest_network(),
         )
         self.timing["sandbox_setup"] = time.monotonic() - answered
         if self.config.watchdog_interval > 0:
@@ -207,14 +204,18 @@ class Sandbox:
         network moved into the pod's namespace (:meth:`SandboxNetwork.move_into`), the pod's
         addresses and routes."""
         started = time.monotonic()
-        guest_network = self.network.guest() if self.network is not None else GuestNetwork()
-        self._need_agent().update_sandbox(
-            hostname,
-            guest_network.dns,
-            interfaces=[_interface_pb(i) for i in guest_network.interfaces],
-            routes=[_route_pb(r) for r in guest_network.routes],
-        )
+        self._need_agent().update_sandbox(hostname, **self._guest_network())
         self.timing["identity"] = time.monotonic() - started
+
+    def _guest_network(self) -> dict[str, Any]:
+        """The guest's DNS, interfaces and routes, as CreateSandbox and UpdateSandbox take them
+        (for a joined namespace: once it is wired)."""
+        guest = self.network.guest() if self.network is not None else GuestNetwork()
+        return {
+            "dns": guest.dns,
+            "interfaces": [_interface_pb(i) for i in guest.interfaces],
+            "routes": [_route_pb(r) for r in guest.routes],
+        }
 
     def _check_agent(self, timeout: float) -> tuple[pb.CheckResponse, float]:
         self.agent = AgentClient(self.vm.agent_channel(), on_close=self._agent_lost)
