@@ -359,6 +359,7 @@ class Sandbox:
 
 
 ETC = "/run/hako/etc"  # the sandbox's hosts, hostname and resolv.conf, given to its containers
+SYSTEM_RESOLV_CONF = "/etc/resolv.conf"  # the guest's own, for its own lookups
 
 
 def write_hosts(hostname: str, addresses: list[str]) -> None:
@@ -394,17 +395,19 @@ def add_network_files(spec: Spec) -> None:
 
 
 def write_resolv_conf(dns: list[str]) -> None:
-    """/run/hako/resolv.conf, bind-mounted over /etc/resolv.conf when that exists (else created)."""
+    """/run/hako/resolv.conf, bind-mounted over /etc/resolv.conf when that exists (else created).
+    Written again (a pooled sandbox a pod takes), it is rewritten in place: the mount stays one."""
     for i, server in enumerate(dns):
         if not server or any(c.isspace() for c in server):
             raise InvalidArgument(f"dns[{i}]: {server!r} is not an address")
     os.makedirs(ETC, exist_ok=True)
     path = f"{ETC}/resolv.conf"
     write_file(path, "".join(f"nameserver {server}\n" for server in dns))
-    if os.path.exists("/etc/resolv.conf"):
-        linux.mount(path, "/etc/resolv.conf", None, linux.MS_BIND)
+    if os.path.exists(SYSTEM_RESOLV_CONF):
+        if not os.path.samefile(path, SYSTEM_RESOLV_CONF):
+            linux.mount(path, SYSTEM_RESOLV_CONF, None, linux.MS_BIND)
     else:
         try:
-            os.symlink(path, "/etc/resolv.conf")
+            os.symlink(path, SYSTEM_RESOLV_CONF)
         except OSError as exc:
             log.warning(f"cannot create /etc/resolv.conf: {exc.strerror}")

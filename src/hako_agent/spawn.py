@@ -133,6 +133,7 @@ class InitPlan:
         self.masked_paths = spec.masked_paths
         self.readonly_paths = spec.readonly_paths
         self.hostname = spec.hostname
+        self.cwd = spec.process.cwd  # made in the rootfs if missing, as runc does
         self.sysctl = [("/proc/sys/" + key.replace(".", "/"), value) for key, value in spec.sysctl.items()]
 
 
@@ -535,6 +536,10 @@ def _setup_rootfs(init: InitPlan) -> None:
                 exc.errno or errno.EIO,
                 f"mounting {step.fstype or 'bind'} {step.source} on {step.destination}: {exc.strerror}",
             ) from None
+    try:
+        _mkdir_p(secure_join(rootfs, init.cwd))
+    except OSError:
+        pass  # a read-only rootfs, a file in the way: the chdir reports it
     if init.make_devices:
         dev = secure_join(rootfs, "/dev")
         for name in _DEVICES:

@@ -74,6 +74,13 @@ def test_env_workdir_user_and_hostname(hako: Hako) -> None:
     assert result.stdout == "bar /tmp 65534:65534\n", result.stderr
 
 
+def test_a_missing_workdir_is_made_as_docker_and_runc_do(hako: Hako) -> None:
+    result = hako("run", "--rm", "-w", "/made/here", "-u", "65534", BUSYBOX, "sh", "-c", "pwd; ls -ld .")
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0 and lines[0] == "/made/here", result.stderr
+    assert lines[1].startswith("drwxr-xr-x") and " root " in lines[1], lines[1]
+
+
 def test_tty_mode(hako: Hako) -> None:
     result = hako("run", "--rm", "-t", BUSYBOX, "tty")
     assert result.returncode == 0, result.stderr
@@ -208,6 +215,13 @@ def test_bad_config_json(hako: Hako, tmp_path: Path) -> None:
     (bundle / "config.json").write_text('{"ociVersion": "1.0.2", "process": ')
     _one_line_error(hako("run", "--rm", str(bundle)), 125, "config.json", "invalid JSON")
     assert hako.sandbox_dirs() == []
+
+
+def test_a_missing_volume_source_fails_before_any_vm(hako: Hako, tmp_path: Path) -> None:
+    result = hako("run", "--rm", "-v", f"{tmp_path}/nowhere:/data", BUSYBOX, "true")
+    _one_line_error(result, 125, f"{tmp_path}/nowhere", "does not exist")
+    assert hako.sandbox_dirs() == []
+    assert not (tmp_path / "nowhere").exists()
 
 
 def test_too_little_memory(hako: Hako) -> None:

@@ -292,10 +292,17 @@ def test_cwd_and_env(sandbox: Sandbox, rootfs: Path) -> None:
     assert run(sandbox, rootfs, ["pwd"], cwd="/work")[1] == "/work\n"
 
 
-def test_missing_cwd_fails_create(sandbox: Sandbox, rootfs: Path) -> None:
+def test_a_missing_cwd_is_made_in_the_rootfs_as_runc_does(sandbox: Sandbox, rootfs: Path) -> None:
+    assert run(sandbox, rootfs, ["pwd"], cwd="/made/for/it")[1] == "/made/for/it\n"
+    made = rootfs / "made" / "for" / "it"
+    assert made.is_dir() and made.stat().st_mode & 0o777 == 0o755
+    shutil.rmtree(rootfs / "made")
+
+
+def test_a_cwd_that_cannot_be_made_fails_create(sandbox: Sandbox, rootfs: Path) -> None:
     cid = new_id()
-    with pytest.raises(FailedPrecondition, match="cwd '/nowhere'"):
-        sandbox.create_container(cid, make_spec(rootfs, cid, ["true"], cwd="/nowhere"), [], False)
+    with pytest.raises(FailedPrecondition, match="cwd '/etc/passwd/x'"):
+        sandbox.create_container(cid, make_spec(rootfs, cid, ["true"], cwd="/etc/passwd/x"), [], False)
     with pytest.raises(NotFound):
         sandbox.container(cid)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from hako_agent import sandbox
+from hako_agent import linux, sandbox
 from hako_agent.spec import parse_spec
 
 
@@ -72,3 +72,23 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_resolv_conf_written_again_is_mounted_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pooled sandbox a pod takes is given its DNS a second time (UpdateSandbox)."""
+    system = tmp_path / "etc-resolv.conf"
+    system.write_text("# the image's\n")
+    monkeypatch.setattr(sandbox, "ETC", str(tmp_path / "etc"))
+    monkeypatch.setattr(sandbox, "SYSTEM_RESOLV_CONF", str(system))
+    mounts: list[tuple[str, str]] = []
+
+    def bind(source: str, target: str, fstype: None, flags: int) -> None:  # a bind: the same inode
+        mounts.append((source, target))
+        system.unlink()
+        system.hardlink_to(source)
+
+    monkeypatch.setattr(linux, "mount", bind)
+    sandbox.write_resolv_conf(["10.0.0.53"])
+    sandbox.write_resolv_conf(["10.0.0.54", "10.0.0.55"])
+    assert mounts == [(f"{tmp_path}/etc/resolv.conf", str(system))]
+    assert system.read_text() == "nameserver 10.0.0.54\nnameserver 10.0.0.55\n"

@@ -69,6 +69,15 @@ def test_exec_failures_survive_the_daemon_hop() -> None:
         assert translate(status_of(error), "StartContainer").exit_code == code
 
 
+def test_an_agent_error_through_the_daemon_names_the_call_once() -> None:
+    agent_error = TtrpcError(codes.FAILED_PRECONDITION, "chdir to cwd '/x': No such file")
+    first = translate(agent_error, "CreateContainer")
+    assert str(first) == "CreateContainer: chdir to cwd '/x': No such file"
+    again = translate(status_of(first), "CreateContainer")
+    assert str(again) == str(first) and isinstance(again, AgentError)
+    assert again.code == codes.FAILED_PRECONDITION
+
+
 def _hako(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "hako.cli.main", *args], capture_output=True, text=True, check=False

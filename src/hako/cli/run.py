@@ -118,6 +118,12 @@ def run(args: argparse.Namespace) -> int:
     memory = parse_memory(args.memory) if args.memory else None
     cpus = parse_cpus(args.cpus) if args.cpus else None
     volumes = [parse_volume(v) for v in args.volume]
+    for volume in volumes:  # checked before any VM starts (Docker would make it: hako does not)
+        if not os.path.exists(volume.source):
+            raise UsageError(
+                f"volume source {volume.source} does not exist on the host: create it, or fix "
+                f"-v {volume.source}:{volume.destination}"
+            )
     args.network = _network(args)
     ports = _ports(args)
     accel = accelerator(args.accel)

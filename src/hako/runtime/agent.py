@@ -35,7 +35,9 @@ def translate(exc: TtrpcError, what: str) -> HakoError:
             return ExecNotExecutable(message)
     if exc.code == codes.NOT_FOUND:
         return ContainerNotFound(exc.message)
-    return AgentError(f"{what}: {exc.message}", exc.code)
+    # A daemon's answer is an agent's error it translated already: name the call once.
+    message = exc.message if exc.message.startswith(f"{what}: ") else f"{what}: {exc.message}"
+    return AgentError(message, exc.code)
 
 
 class AgentClient:
