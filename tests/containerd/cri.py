@@ -83,12 +83,16 @@ class Cri:
         name: str,
         command: list[str],
         image: str = BUSYBOX,
+        volumes: dict[Path, str] | None = None,
     ) -> str:
+        """``volumes``: host path -> container path, as kubelet gives a pod's volumes."""
+        mounts = [cri.Mount(host_path=str(h), container_path=c) for h, c in (volumes or {}).items()]
         config = cri.ContainerConfig(
             metadata=cri.ContainerMetadata(name=name, attempt=0),
             image=cri.ImageSpec(image=image),
             command=command,
             log_path=f"{name}.log",
+            mounts=mounts,
         )
         request = cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod_config)
         container_id = self._call("CreateContainer", request, cri.CreateContainerResponse).container_id

@@ -143,39 +143,6 @@ def test_a_pod_whose_network_namespace_is_gone_claims_no_member(tmp_path: Path) 
     assert (member.dir / pool.POOLED_MARK).exists()  # still in the pool
 
 
-@pytest.mark.parametrize(
-    ("root_line", "propagates"),
-    [
-        ("27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw", True),  # systemd's
-        ("27 1 254:0 / / rw,relatime - ext4 /dev/vda rw", False),  # private
-        ("27 1 254:0 / / rw,relatime master:1 - ext4 /dev/vda rw", False),  # a slave receives only
-    ],
-)
-def test_whether_the_hosts_mounts_reach_a_pooled_daemon(
-    tmp_path: Path, root_line: str, propagates: bool
-) -> None:
-    mountinfo = tmp_path / "mountinfo"
-    other = "48 27 254:0 /run/netns /run/netns rw,relatime shared:2 - ext4 /dev/vda rw"
-    mountinfo.write_text(f"22 27 0:21 / /proc rw,relatime - proc proc rw\n{other}\n{root_line}\n")
-    assert pooled.host_mounts_propagate(str(mountinfo)) is propagates
-
-
-def test_a_kubernetes_pod_takes_none_where_mounts_do_not_propagate(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    paths.pool_file().parent.mkdir(parents=True)
-    paths.pool_file().write_text("{}")
-    member = _member()
-    monkeypatch.setattr(pooled, "host_mounts_propagate", lambda: False)
-    args = _start_args(tmp_path)
-    spec = {"annotations": {shim_main.GROUP_ANNOTATION: "pod-1"}}
-    (tmp_path / "config.json").write_text(json.dumps(spec))
-    shim = shim_main.Shim(args.address, args.namespace, "pod-1")
-    with socket.socket(socket.AF_UNIX) as listener:
-        assert not shim_main._pooled(args, shim, tmp_path, b"", listener)
-    assert (member.dir / pool.POOLED_MARK).exists()
-
-
 def test_a_refusal_and_a_failure_are_told_apart(tmp_path: Path) -> None:
     listener = listen_unix(tmp_path / "pod.sock")
     try:

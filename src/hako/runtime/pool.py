@@ -167,12 +167,19 @@ def refill_in_background(shape: Shape) -> None:
     """Start ``hako pool fill`` for ``shape``, detached, if a pool of it is wanted and is short."""
     if wanted(shape) <= len([s for s in members() if Shape.of(s) == shape]):
         return
+    from hako.runtime import mounts
+
     with open(os.devnull, "r+b") as devnull:
-        subprocess.Popen(
-            [sys.executable, "-m", "hako.cli.main", "pool", "fill", "--refill", "--shape", shape.key],
-            stdin=devnull,
-            stdout=devnull,
-            stderr=devnull,
-            start_new_session=True,
-            close_fds=True,
+        # Started in the host's mount namespace, not in this daemon's (a pod's shim refills):
+        # the new members' namespaces are copies of the host's, the namespace their pods' mounts
+        # are looked up in.
+        mounts.in_host_namespace(
+            lambda: subprocess.Popen(
+                [sys.executable, "-m", "hako.cli.main", "pool", "fill", "--refill", "--shape", shape.key],
+                stdin=devnull,
+                stdout=devnull,
+                stderr=devnull,
+                start_new_session=True,
+                close_fds=True,
+            )
         )

@@ -445,10 +445,13 @@ class Sandbox:
             if mount.get("type", "bind") != "bind" and "bind" not in options and "rbind" not in options:
                 continue
             source = Path(mount["source"])
-            if not source.exists():
-                raise SandboxError(f"volume source {source} does not exist")
             target = host_dir / "volumes" / str(index)
-            mounts.bind(source, target, readonly="ro" in options)
+            try:
+                # As the host has it now: made since this process's namespace was (a Kubernetes
+                # pod's volumes, for a daemon that waited in the warm pool) is there too.
+                mounts.bind(source, target, readonly="ro" in options, from_host=True)
+            except mounts.SourceMissing:
+                raise SandboxError(f"volume source {source} does not exist") from None
             container.mounts.append(target)
             container.volumes += 1
             mount["source"] = f"{guest_dir}/volumes/{index}"

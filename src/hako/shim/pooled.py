@@ -17,6 +17,11 @@ namespace (CNI, Kubernetes) has the tap moved into it and wired to the pod's vet
 restored VM's would be (:meth:`hako.network.sandbox.SandboxNetwork.move_into`), and the guest
 is given the pod's addresses and routes, and its hostname (``UpdateSandbox``), before the
 first container is created.
+
+The daemon's mount namespace is a copy of the host's made at the fill. The pod's volumes (a
+Kubernetes pod's secrets and /dev/shm, mounted since) are looked up in the host's namespace as
+it is when each container is created (:func:`hako.runtime.mounts.bind` ``from_host``), and the
+pool's refill is started there, not in the pod's shim's namespace.
 """
 
 from __future__ import annotations
@@ -106,7 +111,7 @@ def take(args: argparse.Namespace, shim: Shim, bundle: Path, options: bytes, lis
         cfg = shim_config.load(shim_config.config_path_of(options))
     except (OSError, ValueError, HakoError):
         return False  # the shim that starts its own VM reports what is wrong
-    if not wanted(cfg) or (_kubernetes(spec) and not host_mounts_propagate()):
+    if not wanted(cfg):
         return False
     netns_path = shim_config.network_namespace(spec)
     adoption = Adoption(args.argv, str(bundle), os.environ.get("TTRPC_ADDRESS", ""), options, netns_path)
@@ -153,26 +158,6 @@ def _hand_over_to_one(
                 remove_dead(state)
             # it died in the pool: the next one, or a VM of the pod's own
     return None
-
-
-def _kubernetes(spec: dict[str, Any]) -> bool:
-    """A pod of containerd's CRI plugin (Kubernetes), which brings mounts made for it."""
-    from hako.shim.main import GROUP_ANNOTATION
-
-    return GROUP_ANNOTATION in (spec.get("annotations") or {})
-
-
-def host_mounts_propagate(mountinfo: str = "/proc/self/mountinfo") -> bool:
-    """Whether mounts made on this host reach a pooled daemon's mount namespace, a copy made
-    when the pool was filled (a slave of the host's): only if the host's ``/`` is shared, as
-    systemd makes it. If not, a Kubernetes pod's mounts (its /dev/shm, its volumes, made after
-    the fill) would not be visible to a pooled VM, and such a pod does not take one."""
-    with contextlib.suppress(OSError), open(mountinfo) as lines:
-        for line in lines:
-            fields = line.split(" - ", 1)[0].split()
-            if len(fields) > 6 and fields[4] == "/" and fields[3] == "/":
-                return any(tag.startswith("shared:") for tag in fields[6:])
-    return False
 
 
 def hand_over(
