@@ -122,6 +122,24 @@ def test_detached_container_lifecycle(hako: Hako) -> None:
     assert qemu_pids_under(hako.run_root) == []
 
 
+def test_stop_asks_then_kills(hako: Hako) -> None:
+    polite = 'trap "echo bye; exit 7" TERM; while :; do sleep 0.1; done'
+    hako("run", "-d", "--name", "polite", BUSYBOX, "sh", "-c", polite, check=True)
+    deaf = 'trap "" TERM; while :; do sleep 0.1; done'
+    hako("run", "-d", "--name", "deaf", BUSYBOX, "sh", "-c", deaf, check=True)
+    time.sleep(1)  # the traps are set
+    assert hako("stop", "polite", check=True).stdout == "polite\n"
+    started = time.monotonic()
+    assert hako("stop", "-t", "1", "deaf", check=True).stdout == "deaf\n"
+    assert time.monotonic() - started >= 1
+    rows = {line.split()[-1]: line for line in hako("ps", "-a").stdout.splitlines()[1:]}
+    assert "Exited (7)" in rows["polite"] and "Exited (137)" in rows["deaf"], rows
+    assert hako("logs", "polite").stdout == "bye\n"
+    assert qemu_pids_under(hako.run_root) == []
+    assert hako("stop", "polite").returncode == 0  # stopped already: nothing to do, as Docker
+    assert hako("rm", "polite", "deaf").returncode == 0
+
+
 def test_rm_refuses_a_running_container_unless_forced(hako: Hako) -> None:
     hako("run", "-d", "--name", "busy", BUSYBOX, "sleep", "1000", check=True)
     refused = hako("rm", "busy")

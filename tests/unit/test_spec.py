@@ -11,7 +11,7 @@ import pytest
 from hako.errors import ConfigError
 from hako.image.config import ImageConfig
 from hako.oci import defaults
-from hako.oci.spec import RunOptions, Volume, build_spec, merge_env
+from hako.oci.spec import RunOptions, Volume, build_spec, merge_env, stop_signal
 from hako.oci.users import ExecUser, resolve_user
 
 BUSYBOX = ImageConfig(cmd=("sh",), env=("PATH=/usr/sbin:/usr/bin:/sbin:/bin",))
@@ -346,3 +346,10 @@ def test_bundle_spec_with_overrides(rootfs: Path) -> None:
     assert result["hostname"] == "other"
     assert result["linux"]["resources"]["memory"] == {"limit": 64 * 1024 * 1024}
     assert result["mounts"][-1]["source"] == "/srv"
+
+
+def test_the_images_stop_signal_is_an_annotation_hako_stop_reads() -> None:
+    with_signal = spec(image=ImageConfig(cmd=("nginx",), stop_signal="SIGQUIT"))
+    assert with_signal["annotations"] == {"org.opencontainers.image.stopSignal": "SIGQUIT"}
+    assert stop_signal(with_signal) == "SIGQUIT"
+    assert "annotations" not in spec() and stop_signal(spec()) is None

@@ -22,6 +22,7 @@ _MODULES = {
     "ps": "hako.cli.manage",
     "exec": "hako.cli.manage",
     "kill": "hako.cli.manage",
+    "stop": "hako.cli.manage",
     "rm": "hako.cli.manage",
     "logs": "hako.cli.manage",
     "check": "hako.cli.info",

@@ -1,4 +1,4 @@
-"""``hako ps``, ``exec``, ``kill``, ``rm`` and ``logs``: containers that already exist."""
+"""``hako ps``, ``exec``, ``kill``, ``stop``, ``rm`` and ``logs``: containers that already exist."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from hako.cli.attach import Attachment, raw_terminal
 from hako.cli.common import print_table, require_root
 from hako.cli.options import parse_signal
 from hako.errors import ContainerError, HakoError, UsageError
-from hako.oci.spec import merge_env
+from hako.oci.spec import merge_env, stop_signal
 from hako.oci.users import resolve_user
 from hako.runtime.client import connect
 from hako.runtime.output import STDERR, read_log
@@ -46,6 +46,14 @@ def add_parsers(commands: Any) -> None:
     p.add_argument("container")
     p.add_argument("signal", nargs="?", default="KILL")
     p.set_defaults(func=kill)
+
+    p = commands.add_parser("stop", help="stop containers: a signal, then SIGKILL after a grace period")
+    p.add_argument("-s", "--signal", help="the first signal (default: the image's STOPSIGNAL, else TERM)")
+    p.add_argument(
+        "-t", "--time", type=int, default=10, metavar="SECONDS", help="seconds until SIGKILL (default 10)"
+    )
+    p.add_argument("containers", nargs="+")
+    p.set_defaults(func=stop)
 
     p = commands.add_parser("rm", help="remove containers")
     p.add_argument("-f", "--force", action="store_true", help="stop running containers first")
@@ -165,6 +173,68 @@ def kill(args: argparse.Namespace) -> int:
     return 0
 
 
+KILL_GRACE = 10.0  # seconds a container has to report its exit after SIGKILL
+
+
+def stop(args: argparse.Namespace) -> int:
+    require_root("stop")
+    if args.time < 0:
+        raise UsageError(f"invalid --time {args.time}: it must be 0 or more seconds")
+    signum = parse_signal(args.signal) if args.signal else None
+    failed = 0
+    for ref in args.containers:
+        try:
+            stop_container(find(ref), signum, args.time)
+            print(ref)
+        except HakoError as exc:
+            print(f"hako: {exc}", file=sys.stderr)
+            failed = exc.exit_code
+    return failed
+
+
+def stop_container(state: SandboxState, signum: int | None, grace: float) -> None:
+    """Signal the container's main process (``signum``, else its image's stop signal, else
+    SIGTERM), give it ``grace`` seconds to exit, then SIGKILL it, as ``docker stop`` does. One
+    that is not running is stopped already."""
+    if state.effective_status() != Status.RUNNING:
+        return
+    if signum is None:
+        spec = json.loads((state.dir / "config.json").read_text())
+        signum = parse_signal(stop_signal(spec) or "TERM")
+    for sent, wait in ((signum, grace), (signal.SIGKILL, KILL_GRACE)):
+        try:
+            agent = connect(state)
+            try:
+                agent.signal_process(state.id, "", sent)
+            finally:
+                agent.close()
+        except HakoError:
+            if _stopped(state):  # it ended meanwhile
+                return
+            raise
+        deadline = time.monotonic() + wait
+        while not _stopped(state):
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        else:
+            return
+    raise ContainerError(
+        f"container {state.name} did not stop, even after SIGKILL: hako rm -f {state.name} ends its VM"
+    )
+
+
+def _stopped(state: SandboxState) -> bool:
+    """Whether ``state``'s container has exited (its daemon records it, or is gone)."""
+    if not state.daemon_alive():
+        return True
+    try:
+        status = SandboxState.load(state.dir).status
+    except (OSError, ValueError):
+        return True  # removed as it ended (--rm)
+    return status in (Status.EXITED, Status.DEAD)
+
+
 def rm(args: argparse.Namespace) -> int:
     require_root("rm")
     failed = 0
@@ -182,7 +252,7 @@ def remove_sandbox(state: SandboxState, *, force: bool) -> None:
     if state.daemon_alive():
         if state.effective_status() in (Status.RUNNING, Status.CREATING) and not force:
             raise ContainerError(
-                f"cannot remove running container {state.name}: stop it (hako kill) or use hako rm -f"
+                f"cannot remove running container {state.name}: stop it (hako stop) or use hako rm -f"
             )
         with contextlib.suppress(HakoError):
             agent = connect(state)

@@ -32,6 +32,7 @@ MIN_CPU_QUOTA = 1000  # the kernel refuses a CFS quota under 1 ms
 _CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,63}")
 _ENV_KEY = re.compile(r"[^=\0]+")
+STOP_SIGNAL_ANNOTATION = "org.opencontainers.image.stopSignal"  # the image config's StopSignal
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def _from_image(
         "rlimits": [{"type": "RLIMIT_NOFILE", "hard": defaults.NOFILE_LIMIT, "soft": defaults.NOFILE_LIMIT}],
         "noNewPrivileges": options.no_new_privileges,
     }
-    return {
+    spec: dict[str, Any] = {
         "ociVersion": defaults.OCI_VERSION,
         "process": process,
         "root": {"path": "rootfs", "readonly": False},
@@ -139,6 +140,15 @@ def _from_image(
             "readonlyPaths": list(defaults.READONLY_PATHS),
         },
     }
+    if image.stop_signal:  # as the image spec's conversion to a runtime config says
+        spec["annotations"] = {STOP_SIGNAL_ANNOTATION: image.stop_signal}
+    return spec
+
+
+def stop_signal(spec: Mapping[str, Any]) -> str | None:
+    """The signal that stops the container gracefully (`hako stop`), if its image names one."""
+    value = (spec.get("annotations") or {}).get(STOP_SIGNAL_ANNOTATION)
+    return value if isinstance(value, str) and value else None
 
 
 def _from_bundle(
