@@ -140,6 +140,21 @@ def test_stop_asks_then_kills(hako: Hako) -> None:
     assert hako("rm", "polite", "deaf").returncode == 0
 
 
+def test_stats_of_a_running_container(hako: Hako) -> None:
+    two = "sleep 1000 & sleep 1000 & wait"  # three processes
+    hako("run", "-d", "--name", "busy", "--memory", "64m", BUSYBOX, "sh", "-c", two, check=True)
+    result = hako("stats", "--no-stream", "busy", check=True)
+    header, line = result.stdout.splitlines()
+    assert header.split("   ")[:3] == ["CONTAINER ID", "NAME", "CPU %"]
+    cells = line.split()  # id, name, cpu, usage, /, limit, mem %, pids, vm
+    assert cells[1] == "busy" and cells[4:6] == ["/", "64MiB"] and cells[7] == "3", line
+    assert cells[8].endswith("MiB") and float(cells[8][:-3]) > 10, line  # its QEMU and daemon on the host
+    assert hako("stats", "--no-stream").stdout.count("busy") == 1  # every running container
+    hako("rm", "-f", "busy", check=True)
+    gone = hako("stats", "--no-stream", "busy")
+    assert gone.returncode == 125 and "no such container" in gone.stderr
+
+
 def test_rm_refuses_a_running_container_unless_forced(hako: Hako) -> None:
     hako("run", "-d", "--name", "busy", BUSYBOX, "sleep", "1000", check=True)
     refused = hako("rm", "busy")

@@ -23,6 +23,7 @@ _MODULES = {
     "exec": "hako.cli.manage",
     "kill": "hako.cli.manage",
     "stop": "hako.cli.manage",
+    "stats": "hako.cli.stats",
     "rm": "hako.cli.manage",
     "logs": "hako.cli.manage",
     "check": "hako.cli.info",
