@@ -74,6 +74,27 @@ def test_env_workdir_user_and_hostname(hako: Hako) -> None:
     assert result.stdout == "bar /tmp 65534:65534\n", result.stderr
 
 
+def test_dockers_other_run_options(hako: Hako, tmp_path: Path) -> None:
+    env_file = tmp_path / "app.env"
+    env_file.write_text("# the app's\nGREETING=hello from a file\nLEVEL=1\n")
+    script = (
+        'echo "$GREETING $LEVEL"; hostname; grep -c "box-1" /etc/hosts; '
+        "touch /x 2>/dev/null || echo read-only; cat /sys/fs/cgroup/pids.max; "
+        "grep NoNewPrivs /proc/self/status"
+    )
+    result = hako(
+        "run", "--rm", "--env-file", str(env_file), "-e", "LEVEL=2", "--hostname", "box-1", "--read-only",
+        "--pids-limit", "50", "--security-opt", "no-new-privileges", "--entrypoint", "sh",
+        BUSYBOX, "-c", script,
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0, result.stderr
+    assert lines[:5] == ["hello from a file 2", "box-1", "1", "read-only", "50"], lines
+    assert lines[5].split() == ["NoNewPrivs:", "1"], lines
+    bad = hako("run", "--rm", "--security-opt", "seccomp=unconfined", BUSYBOX, "true")
+    assert bad.returncode == 125 and "no-new-privileges" in bad.stderr and hako.sandbox_dirs() == []
+
+
 def test_a_missing_workdir_is_made_as_docker_and_runc_do(hako: Hako) -> None:
     result = hako("run", "--rm", "-w", "/made/here", "-u", "65534", BUSYBOX, "sh", "-c", "pwd; ls -ld .")
     lines = result.stdout.splitlines()

@@ -5,11 +5,19 @@ from __future__ import annotations
 import errno
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from google.protobuf.any_pb2 import Any as AnyPb
 
-from hako.cli.options import parse_cpus, parse_signal, parse_size, parse_volume
+from hako.cli.options import (
+    no_new_privileges,
+    parse_cpus,
+    parse_signal,
+    parse_size,
+    parse_volume,
+    read_env_file,
+)
 from hako.errors import AgentError, ContainerNotFound, ExecNotExecutable, ExecNotFound, UsageError
 from hako.runtime.agent import translate
 from hako.runtime.sandboxd import status_of
@@ -93,3 +101,23 @@ def test_bad_flags_exit_125_with_one_line() -> None:
 def test_bad_option_values_exit_125() -> None:
     result = _hako("run", "--accel", "warp", "img", "true")
     assert result.returncode == 125 and "invalid choice: 'warp'" in result.stderr
+
+
+def test_env_files_as_docker_reads_them(tmp_path: Path) -> None:
+    env = tmp_path / "app.env"
+    env.write_text("# settings\nA=1\n\n  B=two words\nFROM_HOST\nC=\n")
+    assert read_env_file(str(env)) == ["A=1", "B=two words", "FROM_HOST", "C="]
+    env.write_text("A=1\n=nokey\n")
+    with pytest.raises(UsageError, match="line 2"):
+        read_env_file(str(env))
+    with pytest.raises(UsageError, match="No such file"):
+        read_env_file(str(tmp_path / "missing.env"))
+
+
+def test_security_opt_knows_no_new_privileges() -> None:
+    assert not no_new_privileges([])
+    assert no_new_privileges(["no-new-privileges"]) and no_new_privileges(["no-new-privileges:true"])
+    assert not no_new_privileges(["no-new-privileges=true", "no-new-privileges:false"])
+    for unknown in ("seccomp=unconfined", "no-new-privileges:maybe", "apparmor=x"):
+        with pytest.raises(UsageError, match="no-new-privileges"):
+            no_new_privileges([unknown])

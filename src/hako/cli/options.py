@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hako.errors import UsageError
@@ -72,3 +73,32 @@ def parse_signal(text: str) -> int:
         if hasattr(signal.Signals, name):
             return int(signal.Signals[name])
     raise UsageError(f"invalid signal {text!r}: use a name such as TERM or KILL, or a number")
+
+
+def read_env_file(path: str) -> list[str]:
+    """``--env-file``: ``K=V`` or ``K`` (taken from the host's environment) per line, as Docker
+    reads it; blank lines and ``#`` comments are skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--env-file {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+    items = []
+    for number, line in enumerate(lines, 1):
+        item = line.lstrip()
+        if not item or item.startswith("#"):
+            continue
+        if item.startswith("=") or any(c.isspace() for c in item.split("=", 1)[0]):
+            raise UsageError(f"--env-file {path}, line {number}: {line!r} is not K=V")
+        items.append(item)
+    return items
+
+
+def no_new_privileges(options: list[str]) -> bool:
+    """``--security-opt``: only ``no-new-privileges`` (``:true``/``:false``, ``=``) is known."""
+    wanted = False
+    for option in options:
+        name, _, value = option.replace("=", ":", 1).partition(":")
+        if name != "no-new-privileges" or value not in ("", "true", "false"):
+            raise UsageError(f"--security-opt {option!r}: hako knows only no-new-privileges[:true|false]")
+        wanted = value != "false"
+    return wanted

@@ -21,7 +21,7 @@ from typing import Any
 
 from hako import assets
 from hako.cli.common import accelerator, process_age, require_root
-from hako.cli.options import parse_cpus, parse_memory, parse_volume
+from hako.cli.options import no_new_privileges, parse_cpus, parse_memory, parse_volume, read_env_file
 from hako.errors import HakoError, SandboxError, UsageError
 from hako.hypervisor import find_qemu
 from hako.runtime import pool, templates
@@ -53,7 +53,25 @@ def add_parsers(commands: Any) -> None:
     p.add_argument(
         "-e", "--env", action="append", default=[], metavar="K=V", help="set an environment variable"
     )
+    p.add_argument(
+        "--env-file", action="append", default=[], metavar="FILE", help="read K=V lines (or K) from a file"
+    )
     p.add_argument("-w", "--workdir", metavar="DIR", help="working directory in the container")
+    p.add_argument(
+        "--entrypoint", metavar="CMD", help="run CMD instead of the image's entrypoint (and its cmd)"
+    )
+    p.add_argument(
+        "--hostname", metavar="NAME", help="its host name (default: its short id; not from the warm pool)"
+    )
+    p.add_argument("--read-only", action="store_true", help="mount the container's root filesystem read-only")
+    p.add_argument("--pids-limit", type=int, metavar="N", help="at most N processes in the container")
+    p.add_argument(
+        "--security-opt",
+        action="append",
+        default=[],
+        metavar="no-new-privileges",
+        help="no-new-privileges: its processes cannot gain privileges (setuid, file capabilities)",
+    )
     p.add_argument("-u", "--user", metavar="UID[:GID]", help="user (name or id) to run as")
     p.add_argument(
         "-v", "--volume", action="append", default=[], metavar="HOST:CTR[:ro]", help="bind a host path"
@@ -118,6 +136,12 @@ def run(args: argparse.Namespace) -> int:
     memory = parse_memory(args.memory) if args.memory else None
     cpus = parse_cpus(args.cpus) if args.cpus else None
     volumes = [parse_volume(v) for v in args.volume]
+    args.env = [*(item for path in args.env_file for item in read_env_file(path)), *args.env]
+    args.no_new_privileges = no_new_privileges(args.security_opt)
+    if args.hostname:
+        from hako.oci.spec import check_hostname  # (only then: hako.image is not light)
+
+        check_hostname(args.hostname)
     for volume in volumes:  # checked before any VM starts (Docker would make it: hako does not)
         if not os.path.exists(volume.source):
             raise UsageError(
@@ -148,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     )
     config = SandboxConfig(
         sandbox_id=sandbox_id,
-        hostname=sandbox_id[:12],
+        hostname=args.hostname or sandbox_id[:12],
         kernel=kernel,
         image=guest_image,
         memory_mib=vm_memory,
@@ -168,7 +192,8 @@ def run(args: argparse.Namespace) -> int:
     )
     limits: dict[str, Any] = {"memory": memory, "cpus": cpus, "volumes": volumes}
     args.publish = ",".join(ports)
-    pooled = args.network in ("bridge", "none")  # pools keep sandboxes of these (not a joined netns)
+    # Pools keep sandboxes of these networks (not a joined netns), named by their ids.
+    pooled = args.network in ("bridge", "none") and not args.hostname
     if config.template is not None and args.template == "auto" and not args.no_pool and pooled:
         while (taken := pool.take(config.template.name, args.network)) is not None:
             args.startup = process_age()
@@ -326,7 +351,17 @@ def _spec(
     store = ImageStore()
     target = store.resolve(args.image)
     options = RunOptions(
-        args=args.command, env=args.env, workdir=args.workdir, user=args.user, terminal=args.tty, **limits
+        args=args.command,
+        entrypoint=None if args.entrypoint is None else [args.entrypoint] if args.entrypoint else [],
+        env=args.env,
+        workdir=args.workdir,
+        user=args.user,
+        terminal=args.tty,
+        hostname=args.hostname,
+        read_only=args.read_only,
+        pids_limit=args.pids_limit if args.pids_limit and args.pids_limit > 0 else None,  # -1: unlimited
+        no_new_privileges=args.no_new_privileges,
+        **limits,
     )
     if isinstance(target, Bundle):
         if args.rootfs == "block":

@@ -110,7 +110,7 @@ def _from_image(
     rootfs: Path | None,
     environ: Mapping[str, str],
 ) -> dict[str, Any]:
-    hostname = _hostname(options.hostname or container_id[:12])
+    hostname = check_hostname(options.hostname or container_id[:12])
     user = resolve_user(rootfs, options.user or image.user)
     env = ["PATH=" + defaults.DEFAULT_PATH, "HOSTNAME=" + hostname]
     if options.terminal:
@@ -174,7 +174,7 @@ def _from_bundle(
     process["terminal"] = options.terminal
     process["noNewPrivileges"] = bool(options.no_new_privileges or process.get("noNewPrivileges", False))
     if options.hostname or not spec.get("hostname"):
-        spec["hostname"] = _hostname(options.hostname or container_id[:12])
+        spec["hostname"] = check_hostname(options.hostname or container_id[:12])
     linux = spec.setdefault("linux", {})
     # The guest's network namespace is the container's: the VM is the network boundary.
     linux["namespaces"] = [ns for ns in linux.get("namespaces") or [] if ns.get("type") != "network"]
@@ -232,7 +232,7 @@ def _clean(path: str) -> str:
     return "/" + posixpath.normpath(path).lstrip("/")
 
 
-def _hostname(name: str) -> str:
+def check_hostname(name: str) -> str:
     if not _HOSTNAME.fullmatch(name):
         raise ConfigError(f"invalid hostname {name!r}: use up to 64 letters, digits, '-' and '.'")
     return name
