@@ -19,10 +19,10 @@ import ctypes
 import fcntl
 import os
 import struct
-import threading
 from collections.abc import Iterator
 
 from hako.errors import NetworkError
+from hako.threads import in_own_thread
 
 CLONE_NEWNET = 0x40000000
 TUNSETIFF = 0x400454CA
@@ -79,22 +79,12 @@ def create() -> int:
 
     Made by a short-lived thread, which unshares its own namespace and leaves it behind:
     the caller's threads never change namespace."""
-    result: list[int] = []
-    failure: list[BaseException] = []
 
-    def make() -> None:
-        try:
-            _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
-            result.append(current())
-        except BaseException as exc:
-            failure.append(exc)
+    def make() -> int:
+        _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+        return current()
 
-    thread = threading.Thread(target=make, name="netns-create")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return result[0]
+    return in_own_thread(make, "netns-create")
 
 
 def open_tap(netns_fd: int, name: str = TAP_NAME, *, persist: bool = False) -> int:

@@ -19,12 +19,12 @@ from __future__ import annotations
 import ctypes
 import os
 import stat
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 from hako.errors import SandboxError
+from hako.threads import in_own_thread
 
 CLONE_FS = 0x00000200
 CLONE_NEWNS = 0x00020000
@@ -85,24 +85,14 @@ def in_host_namespace(work: Callable[[], T]) -> T:
     host = _Host.namespace
     if host is None:
         return work()
-    outcome: list[T] = []
-    failure: list[BaseException] = []
 
-    def enter_and_work() -> None:
-        try:
-            # A thread may change its mount namespace only with a root and cwd of its own.
-            _check(_libc.unshare(CLONE_FS), "unshare(CLONE_FS)")
-            _check(_libc.setns(host, CLONE_NEWNS), "setns(CLONE_NEWNS) into the host's mount namespace")
-            outcome.append(work())
-        except BaseException as exc:
-            failure.append(exc)
+    def enter_and_work() -> T:
+        # A thread may change its mount namespace only with a root and cwd of its own.
+        _check(_libc.unshare(CLONE_FS), "unshare(CLONE_FS)")
+        _check(_libc.setns(host, CLONE_NEWNS), "setns(CLONE_NEWNS) into the host's mount namespace")
+        return work()
 
-    thread = threading.Thread(target=enter_and_work, name="host-mounts")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return outcome[0]
+    return in_own_thread(enter_and_work, "host-mounts")
 
 
 def mount(
