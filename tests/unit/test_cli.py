@@ -13,6 +13,7 @@ from google.protobuf.any_pb2 import Any as AnyPb
 from hako.cli.options import (
     no_new_privileges,
     parse_cpus,
+    parse_memory,
     parse_signal,
     parse_size,
     parse_volume,
@@ -37,6 +38,12 @@ def test_sizes_use_binary_units() -> None:
 
 def test_cpus_and_signals() -> None:
     assert parse_cpus("0.5") == 0.5
+    assert parse_cpus("2", host_cpus=2) == 2.0
+    with pytest.raises(UsageError, match="this host has 2 CPUs"):
+        parse_cpus("2.5", host_cpus=2)
+    assert parse_memory("1g", host_bytes=2 << 30) == 1 << 30
+    with pytest.raises(UsageError, match="more than this host's memory"):
+        parse_memory("3g", host_bytes=2 << 30)
     with pytest.raises(UsageError):
         parse_cpus("0")
     assert parse_signal("KILL") == 9

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 from pathlib import Path
@@ -26,20 +27,41 @@ def parse_size(text: str, what: str = "--memory") -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
-def parse_memory(text: str) -> int:
+def parse_memory(text: str, host_bytes: int | None = None) -> int:
+    """``--memory``: at least Docker's minimum, and no more than the host has (``host_bytes``,
+    default: its MemTotal): QEMU would fail to map the VM's RAM."""
     size = parse_size(text)
     if size < MIN_MEMORY:
         raise UsageError(f"--memory {text} is too small: the minimum is 6m")
+    host = _host_memory() if host_bytes is None else host_bytes
+    if host and size > host:
+        raise UsageError(f"--memory {text} is more than this host's memory ({host / (1 << 30):.1f}g)")
     return size
 
 
-def parse_cpus(text: str) -> float:
+def _host_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) << 10
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def parse_cpus(text: str, host_cpus: int | None = None) -> float:
+    """``--cpus``: more than 0, and at most the host's CPUs (``host_cpus``, default: this host's),
+    as Docker checks it."""
     try:
         value = float(text)
     except ValueError:
         raise UsageError(f"invalid --cpus {text!r}: give a number of CPUs such as 1 or 0.5") from None
     if value <= 0:
         raise UsageError(f"invalid --cpus {text!r}: it must be more than 0")
+    available = host_cpus or os.cpu_count() or 1
+    if value > available:
+        raise UsageError(f"invalid --cpus {text!r}: this host has {available} CPUs")
     return value
 
 
