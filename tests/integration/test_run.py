@@ -161,6 +161,17 @@ def test_stop_asks_then_kills(hako: Hako) -> None:
     assert hako("rm", "polite", "deaf").returncode == 0
 
 
+def test_wait_and_inspect(hako: Hako) -> None:
+    hako("run", "-d", "--rm", "--name", "brief", BUSYBOX, "sh", "-c", "sleep 1; exit 4", check=True)
+    hako("run", "-d", "--name", "kept", BUSYBOX, "sh", "-c", "exit 5", check=True)
+    assert hako("wait", "brief", "kept", check=True).stdout == "4\n5\n"  # --rm: its daemon answers
+    [record] = json.loads(hako("inspect", "kept", check=True).stdout)
+    assert (record["name"], record["status"], record["exit_status"]) == ("kept", "exited", 5)
+    assert record["spec"]["process"]["args"] == ["sh", "-c", "exit 5"] and record["kernel"] == "trimmed"
+    assert hako("inspect", "brief").returncode == 125  # gone with its exit
+    hako("rm", "kept", check=True)
+
+
 def test_stats_of_a_running_container(hako: Hako) -> None:
     two = "sleep 1000 & sleep 1000 & wait"  # three processes
     hako("run", "-d", "--name", "busy", "--memory", "64m", BUSYBOX, "sh", "-c", two, check=True)

@@ -23,6 +23,8 @@ _MODULES = {
     "exec": "hako.cli.manage",
     "kill": "hako.cli.manage",
     "stop": "hako.cli.manage",
+    "wait": "hako.cli.manage",
+    "inspect": "hako.cli.manage",
     "stats": "hako.cli.stats",
     "rm": "hako.cli.manage",
     "logs": "hako.cli.manage",

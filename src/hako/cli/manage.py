@@ -1,4 +1,5 @@
-"""``hako ps``, ``exec``, ``kill``, ``stop``, ``rm`` and ``logs``: containers that already exist."""
+"""``hako ps``, ``exec``, ``kill``, ``stop``, ``wait``, ``rm``, ``logs`` and ``inspect``: containers
+that already exist."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import secrets
 import signal
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,14 @@ def add_parsers(commands: Any) -> None:
     )
     p.add_argument("containers", nargs="+")
     p.set_defaults(func=stop)
+
+    p = commands.add_parser("wait", help="wait for containers to exit, and print their exit codes")
+    p.add_argument("containers", nargs="+")
+    p.set_defaults(func=wait)
+
+    p = commands.add_parser("inspect", help="a container's state, VM and spec, as JSON")
+    p.add_argument("containers", nargs="+")
+    p.set_defaults(func=inspect)
 
     p = commands.add_parser("rm", help="remove containers")
     p.add_argument("-f", "--force", action="store_true", help="stop running containers first")
@@ -233,6 +243,52 @@ def _stopped(state: SandboxState) -> bool:
     except (OSError, ValueError):
         return True  # removed as it ended (--rm)
     return status in (Status.EXITED, Status.DEAD)
+
+
+def wait(args: argparse.Namespace) -> int:
+    require_root("wait")
+    states = [find(ref) for ref in args.containers]
+    for state in states:
+        print(_exit_status(state))
+    return 0
+
+
+def _exit_status(state: SandboxState) -> int:
+    """Block until ``state``'s container exits; its exit status. Asked of its daemon while it
+    runs (which answers even for a container that goes with its exit, --rm), else recorded."""
+    if state.effective_status() == Status.RUNNING:
+        with contextlib.suppress(HakoError):
+            agent = connect(state)
+            try:
+                return agent.wait_process(state.id)
+            finally:
+                agent.close()
+        while not _stopped(state):  # its daemon went away without answering
+            time.sleep(0.1)
+    try:
+        status = SandboxState.load(state.dir).exit_status
+    except (OSError, ValueError):
+        raise ContainerError(f"container {state.name} is gone: it was removed as it exited (--rm)") from None
+    return status if status is not None else 137  # its daemon vanished: killed
+
+
+def inspect(args: argparse.Namespace) -> int:
+    """One JSON array, as `docker inspect` prints: per container its recorded state (status
+    corrected to dead if its daemon vanished), its VM and the OCI spec it runs."""
+    require_root("inspect")
+    found = []
+    for ref in args.containers:
+        state = find(ref)
+        record: dict[str, Any] = asdict(state)
+        record["status"] = state.effective_status().value
+        record["dir"] = str(state.dir)
+        try:
+            record["spec"] = json.loads((state.dir / "config.json").read_text())
+        except (OSError, ValueError):
+            record["spec"] = None  # not created yet, or a pooled VM
+        found.append(record)
+    print(json.dumps(found, indent=2, sort_keys=True))
+    return 0
 
 
 def rm(args: argparse.Namespace) -> int:
