@@ -161,6 +161,34 @@ def test_stop_asks_then_kills(hako: Hako) -> None:
     assert hako("rm", "polite", "deaf").returncode == 0
 
 
+def test_pause_stops_the_vm_until_unpause(hako: Hako) -> None:
+    count = "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.05; done"
+    hako("run", "-d", "--name", "counter", BUSYBOX, "sh", "-c", count, check=True)
+    time.sleep(0.5)
+    assert hako("pause", "counter", check=True).stdout == "counter\n"
+    [qemu] = qemu_pids_under(hako.run_root)
+    ticks = _cpu_ticks(qemu)
+    time.sleep(2)
+    assert _cpu_ticks(qemu) - ticks <= 5, "a paused VM used CPU"  # (clock ticks: 10 ms each)
+    assert "(Paused)" in hako("ps").stdout
+    for refused in (("exec", "counter", "true"), ("kill", "counter"), ("stop", "counter"), ("rm", "counter")):
+        result = hako(*refused)
+        assert result.returncode == 125 and "counter" in result.stderr, (refused, result.stderr)
+    assert hako("unpause", "counter", check=True).stdout == "counter\n"
+    counted = hako("exec", "counter", "sh", "-c", "cat /tmp/n; date +%s", check=True).stdout.split()
+    assert abs(int(counted[1]) - time.time()) < 3, "the guest's clock did not catch up"
+    again = int(hako("exec", "counter", "cat", "/tmp/n", check=True).stdout)
+    assert again > int(counted[0]), "the container did not run on"
+    hako("pause", "counter", check=True)
+    assert hako("rm", "-f", "counter").returncode == 0  # a paused one too
+    assert qemu_pids_under(hako.run_root) == [] and hako.sandbox_dirs() == []
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
 def test_wait_and_inspect(hako: Hako) -> None:
     hako("run", "-d", "--rm", "--name", "brief", BUSYBOX, "sh", "-c", "sleep 1; exit 4", check=True)
     hako("run", "-d", "--name", "kept", BUSYBOX, "sh", "-c", "exit 5", check=True)

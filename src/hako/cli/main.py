@@ -24,6 +24,8 @@ _MODULES = {
     "kill": "hako.cli.manage",
     "stop": "hako.cli.manage",
     "wait": "hako.cli.manage",
+    "pause": "hako.cli.manage",
+    "unpause": "hako.cli.manage",
     "inspect": "hako.cli.manage",
     "stats": "hako.cli.stats",
     "rm": "hako.cli.manage",

@@ -1,5 +1,5 @@
-"""``hako ps``, ``exec``, ``kill``, ``stop``, ``wait``, ``rm``, ``logs`` and ``inspect``: containers
-that already exist."""
+"""``hako ps``, ``exec``, ``kill``, ``stop``, ``pause``, ``unpause``, ``wait``, ``rm``, ``logs`` and
+``inspect``: containers that already exist."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from hako.cli.options import parse_signal
 from hako.errors import ContainerError, HakoError, UsageError
 from hako.oci.spec import merge_env, stop_signal
 from hako.oci.users import resolve_user
-from hako.runtime.client import connect
+from hako.runtime.client import connect, set_paused
 from hako.runtime.output import STDERR, read_log
 from hako.runtime.state import SandboxState, Status, age, all_states, find, remove_dead
 
@@ -57,6 +57,14 @@ def add_parsers(commands: Any) -> None:
     p.add_argument("containers", nargs="+")
     p.set_defaults(func=stop)
 
+    p = commands.add_parser("pause", help="pause containers: their VMs' vCPUs stop")
+    p.add_argument("containers", nargs="+")
+    p.set_defaults(func=pause)
+
+    p = commands.add_parser("unpause", help="resume paused containers")
+    p.add_argument("containers", nargs="+")
+    p.set_defaults(func=unpause)
+
     p = commands.add_parser("wait", help="wait for containers to exit, and print their exit codes")
     p.add_argument("containers", nargs="+")
     p.set_defaults(func=wait)
@@ -79,6 +87,8 @@ def add_parsers(commands: Any) -> None:
 def _status_text(state: SandboxState, status: Status) -> str:
     if status == Status.RUNNING:
         return f"Up {age(time.time() - state.created)}"
+    if status == Status.PAUSED:
+        return f"Up {age(time.time() - state.created)} (Paused)"
     if status == Status.CREATING:
         return "Created"
     if status == Status.EXITED:
@@ -89,7 +99,7 @@ def _status_text(state: SandboxState, status: Status) -> str:
 
 def _ports_text(state: SandboxState, status: Status) -> str:
     """Its published ports, as Docker shows them (only while it runs: they go with it)."""
-    if status not in (Status.RUNNING, Status.CREATING):
+    if status not in (Status.RUNNING, Status.PAUSED, Status.CREATING):
         return ""
     return ", ".join(f"0.0.0.0:{port.replace(':', '->', 1)}" for port in state.ports)
 
@@ -101,7 +111,7 @@ def ps(args: argparse.Namespace) -> int:
         status = state.effective_status()
         if state.status == Status.POOLED:
             continue  # not a container yet: `hako pool ls`
-        if not args.all and status not in (Status.RUNNING, Status.CREATING):
+        if not args.all and status not in (Status.RUNNING, Status.PAUSED, Status.CREATING):
             continue
         if args.quiet:
             print(state.short_id)
@@ -129,6 +139,8 @@ def ps(args: argparse.Namespace) -> int:
 def _running(ref: str) -> SandboxState:
     state = find(ref)
     status = state.effective_status()
+    if status == Status.PAUSED:
+        raise ContainerError(f"container {state.name} is paused: hako unpause {state.name} first")
     if status != Status.RUNNING:
         raise ContainerError(f"container {state.name} is not running ({_status_text(state, status).lower()})")
     return state
@@ -206,7 +218,10 @@ def stop_container(state: SandboxState, signum: int | None, grace: float) -> Non
     """Signal the container's main process (``signum``, else its image's stop signal, else
     SIGTERM), give it ``grace`` seconds to exit, then SIGKILL it, as ``docker stop`` does. One
     that is not running is stopped already."""
-    if state.effective_status() != Status.RUNNING:
+    status = state.effective_status()
+    if status == Status.PAUSED:
+        raise ContainerError(f"container {state.name} is paused: hako unpause {state.name} first")
+    if status != Status.RUNNING:
         return
     if signum is None:
         spec = json.loads((state.dir / "config.json").read_text())
@@ -243,6 +258,37 @@ def _stopped(state: SandboxState) -> bool:
     except (OSError, ValueError):
         return True  # removed as it ended (--rm)
     return status in (Status.EXITED, Status.DEAD)
+
+
+def pause(args: argparse.Namespace) -> int:
+    return _set_paused(args.containers, paused=True)
+
+
+def unpause(args: argparse.Namespace) -> int:
+    return _set_paused(args.containers, paused=False)
+
+
+def _set_paused(refs: list[str], *, paused: bool) -> int:
+    """Pause or resume each container's VM, as ``docker pause`` freezes a container (here the
+    whole VM stops: its vCPUs, so its guest and its clock stand still until resumed)."""
+    require_root("pause" if paused else "unpause")
+    failed = 0
+    for ref in refs:
+        try:
+            state = find(ref)
+            status = state.effective_status()
+            if status != (Status.RUNNING if paused else Status.PAUSED):
+                raise ContainerError(f"container {state.name} is not {'running' if paused else 'paused'}")
+            agent = connect(state)
+            try:
+                set_paused(agent, paused)
+            finally:
+                agent.close()
+            print(ref)
+        except HakoError as exc:
+            print(f"hako: {exc}", file=sys.stderr)
+            failed = exc.exit_code
+    return failed
 
 
 def wait(args: argparse.Namespace) -> int:
@@ -306,7 +352,7 @@ def rm(args: argparse.Namespace) -> int:
 
 def remove_sandbox(state: SandboxState, *, force: bool) -> None:
     if state.daemon_alive():
-        if state.effective_status() in (Status.RUNNING, Status.CREATING) and not force:
+        if state.effective_status() in (Status.RUNNING, Status.PAUSED, Status.CREATING) and not force:
             raise ContainerError(
                 f"cannot remove running container {state.name}: stop it (hako stop) or use hako rm -f"
             )

@@ -38,3 +38,16 @@ def claim(client: AgentClient, name: str, *, auto_remove: bool, notify_path: Pat
     except TtrpcError as exc:
         raise translate(exc, "Claim") from exc
     return float(response.took)
+
+
+def set_paused(client: AgentClient, paused: bool) -> None:
+    """Pause the sandbox's VM (its vCPUs stop) or resume it (``hako pause``/``unpause``)."""
+    from hako_api import daemon_pb2
+    from hako_ttrpc import TtrpcError
+
+    service = daemon_pb2.DESCRIPTOR.services_by_name["Daemon"].full_name
+    method = "Pause" if paused else "Resume"
+    try:
+        client.client.call(service, method, daemon_pb2.PauseRequest(), daemon_pb2.PauseResponse, timeout=30)
+    except TtrpcError as exc:
+        raise translate(exc, method) from exc

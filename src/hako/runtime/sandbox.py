@@ -194,7 +194,8 @@ class Sandbox:
         self.timing["warm_up"] = time.monotonic() - started
 
     def renew_identity(self) -> None:
-        """A sandbox that waited paused (the warm pool) takes the host's clock and fresh entropy."""
+        """A sandbox that waited paused (the warm pool, hako pause) takes the host's clock and fresh
+        entropy."""
         agent = self._need_agent()
         agent.set_clock(time.time_ns())
         agent.reseed_random(os.urandom(ENTROPY_BYTES))

@@ -70,6 +70,10 @@ DISK_KEY = "hako-disk"  # the image as an ext4 disk image: the rootfs goes on a 
 PUBLISH_KEY = "hako-publish"  # host ports to forward to the sandbox: HOST:CTR/PROTO,...
 IDLE_TIMEOUT = 300.0  # a sandbox whose container nobody creates or starts is given up after this
 REFILL_DELAY = 2.0  # seconds after a containerd pod took a pooled sandbox, the pool refills
+# What a paused guest could not answer (its vCPUs are stopped): refused until it is resumed.
+REFUSED_WHILE_PAUSED = frozenset(
+    {"ExecProcess", "SignalProcess", "StatsContainer", "ListProcesses", "UpdateContainer"}
+)
 
 
 def status_of(exc: HakoError) -> TtrpcError:
@@ -122,6 +126,8 @@ class SandboxDaemon:
         self._pumps_running = 2
         self._pumps_lock = threading.Lock()
         self._create_lock = threading.Lock()
+        self.paused = threading.Event()  # hako pause: the VM's vCPUs are stopped
+        self._pause_lock = threading.Lock()
         self.wake = threading.Event()  # something changed that may let the daemon finish
         self.server = Server(log=self.log)
         self.server.on_disconnect = self.wake.set
@@ -133,6 +139,8 @@ class SandboxDaemon:
         s.register_method(SERVICE_NAME, "ReadStderr", pb.ReadStreamRequest, self.ReadStderr)
         s.register_method(SERVICE_NAME, "DestroySandbox", pb.DestroySandboxRequest, self.DestroySandbox)
         s.register_method(DAEMON_SERVICE, "Claim", daemon_pb.ClaimRequest, self.Claim)
+        s.register_method(DAEMON_SERVICE, "Pause", daemon_pb.PauseRequest, self.Pause)
+        s.register_method(DAEMON_SERVICE, "Resume", daemon_pb.PauseRequest, self.Resume)
         s.set_fallback(self._forward)
 
     def log(self, message: str) -> None:
@@ -144,6 +152,8 @@ class SandboxDaemon:
             raise TtrpcError(codes.UNIMPLEMENTED, f"{ctx.service}: not served here")
         if ctx.method == "CreateSandbox":
             raise TtrpcError(codes.FAILED_PRECONDITION, "the sandbox is created by its daemon")
+        if self.paused.is_set() and ctx.method in REFUSED_WHILE_PAUSED:
+            raise TtrpcError(codes.FAILED_PRECONDITION, "the container is paused: unpause it first")
         self._need_ready()
         if self.sandbox.agent is None or self.sandbox.dead.is_set():
             raise TtrpcError(codes.UNAVAILABLE, f"the sandbox is dead: {self.sandbox.death_reason}")
@@ -260,9 +270,10 @@ class SandboxDaemon:
     def DestroySandbox(self, request: pb.DestroySandboxRequest, ctx: CallContext | None) -> pb.Empty:
         self.log("stop requested")
         self.stop_requested.set()
-        if self.pooled and not self.claimed.is_set():
+        if self.paused.is_set() or (self.pooled and not self.claimed.is_set()):
             with contextlib.suppress(HakoError):
                 self.sandbox.vm.resume()  # a paused guest cannot shut down
+            self.paused.clear()
         self._finish(137 if self.started.is_set() else 0, error=None, stopped=True)
         self.wake.set()
         return pb.Empty()
@@ -285,6 +296,38 @@ class SandboxDaemon:
         self.state.save()
         self.log(f"claimed as {request.name} in {took * 1000:.0f} ms")
         return daemon_pb.ClaimResponse(took=took)
+
+    def Pause(self, request: daemon_pb.PauseRequest, ctx: CallContext) -> daemon_pb.PauseResponse:
+        with self._pause_lock:
+            if self.paused.is_set():
+                raise TtrpcError(codes.FAILED_PRECONDITION, "the container is paused already")
+            if not self.started.is_set() or self.exited.is_set():
+                raise TtrpcError(codes.FAILED_PRECONDITION, "the container is not running")
+            try:
+                self.sandbox.vm.pause()
+            except HakoError as exc:
+                raise status_of(exc) from exc
+            self.paused.set()
+            self.state.status = Status.PAUSED
+            self.state.save()
+        self.log("paused")
+        return daemon_pb.PauseResponse()
+
+    def Resume(self, request: daemon_pb.PauseRequest, ctx: CallContext) -> daemon_pb.PauseResponse:
+        with self._pause_lock:
+            if not self.paused.is_set():
+                raise TtrpcError(codes.FAILED_PRECONDITION, "the container is not paused")
+            # Running again before its vCPUs are: its exit, from then on, is recorded after.
+            self.state.status = Status.RUNNING
+            self.state.save()
+            try:
+                self.sandbox.vm.resume()
+                self.paused.clear()
+                self.sandbox.renew_identity()  # its clock stood still while paused
+            except HakoError as exc:
+                raise status_of(exc) from exc
+        self.log("resumed")
+        return daemon_pb.PauseResponse()
 
     def _take_from_pool(self) -> float:
         """Resume the pooled VM with the host's clock and fresh entropy; seconds it took."""

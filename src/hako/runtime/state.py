@@ -34,6 +34,7 @@ class Status(str, Enum):
     EXITED = "exited"  # the container's main process ended
     DEAD = "dead"  # the VM died under it, or its daemon vanished
     POOLED = "pooled"  # a restored, paused VM in the warm pool, not yet a container's
+    PAUSED = "paused"  # running, its VM paused (hako pause)
 
     def __str__(self) -> str:
         return self.value
@@ -94,7 +95,8 @@ class SandboxState:
 
     def effective_status(self) -> Status:
         """The recorded status, corrected to DEAD if the daemon vanished without saying so."""
-        if self.status in (Status.CREATING, Status.RUNNING, Status.POOLED) and not self.daemon_alive():
+        live = (Status.CREATING, Status.RUNNING, Status.PAUSED, Status.POOLED)
+        if self.status in live and not self.daemon_alive():
             return Status.DEAD
         return self.status
 
