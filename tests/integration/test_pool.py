@@ -71,6 +71,16 @@ def test_run_takes_a_pooled_sandbox_and_the_pool_refills(pooled: Hako) -> None:
     assert not any(p.name.startswith(member) for p in hako.sandbox_dirs())  # --rm: gone
 
 
+def test_a_pooled_sandbox_takes_the_hostname_it_is_given(pooled: Hako) -> None:
+    hako = pooled
+    hako("pool", "fill", "1", check=True)
+    show = "hostname; cat /etc/hostname; grep -c 'box-2$' /etc/hosts"
+    figures, out = _timed_run(hako, "--hostname", "box-2", BUSYBOX, "sh", "-c", show)
+    assert "pool_take" in figures, figures
+    assert out.split() == ["box-2", "box-2", "1"], out  # its address in /etc/hosts under the name
+    _wait_ready(hako, 1)
+
+
 def test_a_pooled_sandbox_has_run_a_container_before_it_is_taken(pooled: Hako) -> None:
     """The warm-up: a throw-away container ran in it (so a taker's is not the first)."""
     hako = pooled

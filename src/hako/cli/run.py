@@ -60,9 +60,7 @@ def add_parsers(commands: Any) -> None:
     p.add_argument(
         "--entrypoint", metavar="CMD", help="run CMD instead of the image's entrypoint (and its cmd)"
     )
-    p.add_argument(
-        "--hostname", metavar="NAME", help="its host name (default: its short id; not from the warm pool)"
-    )
+    p.add_argument("--hostname", metavar="NAME", help="its host name (default: its short id)")
     p.add_argument("--read-only", action="store_true", help="mount the container's root filesystem read-only")
     p.add_argument("--pids-limit", type=int, metavar="N", help="at most N processes in the container")
     p.add_argument(
@@ -192,8 +190,7 @@ def run(args: argparse.Namespace) -> int:
     )
     limits: dict[str, Any] = {"memory": memory, "cpus": cpus, "volumes": volumes}
     args.publish = ",".join(ports)
-    # Pools keep sandboxes of these networks (not a joined netns), named by their ids.
-    pooled = args.network in ("bridge", "none") and not args.hostname
+    pooled = args.network in ("bridge", "none")  # pools keep sandboxes of these (not a joined netns)
     if config.template is not None and args.template == "auto" and not args.no_pool and pooled:
         while (taken := pool.take(config.template.name, args.network)) is not None:
             args.startup = process_age()
@@ -268,7 +265,7 @@ def _claim(args: argparse.Namespace, state: SandboxState) -> Notifications | Non
             check_name_free(name, state)
             client = connect(state)
             try:
-                claim(client, name, auto_remove=args.rm, notify_path=fifo)
+                claim(client, name, auto_remove=args.rm, notify_path=fifo, hostname=args.hostname)
             finally:
                 client.close()
     except UsageError:

@@ -24,14 +24,21 @@ def connect(state: SandboxState) -> AgentClient:
     return AgentClient(sock)
 
 
-def claim(client: AgentClient, name: str, *, auto_remove: bool, notify_path: Path) -> float:
-    """Take a pooled sandbox (see :mod:`hako.runtime.pool`); returns how long it took to resume."""
+def claim(
+    client: AgentClient, name: str, *, auto_remove: bool, notify_path: Path, hostname: str | None = None
+) -> float:
+    """Take a pooled sandbox (see :mod:`hako.runtime.pool`), as the container ``name`` whose host
+    name is ``hostname`` (default: the sandbox's id); returns how long it took to resume."""
     from hako_api import daemon_pb2
     from hako_ttrpc import TtrpcError
 
     service = daemon_pb2.DESCRIPTOR.services_by_name["Daemon"].full_name
     request = daemon_pb2.ClaimRequest(
-        name=name, auto_remove=auto_remove, created=time.time(), notify_path=str(notify_path)
+        name=name,
+        auto_remove=auto_remove,
+        created=time.time(),
+        notify_path=str(notify_path),
+        hostname=hostname or "",
     )
     try:
         response = client.client.call(service, "Claim", request, daemon_pb2.ClaimResponse, timeout=30)

@@ -201,9 +201,9 @@ class Sandbox:
         agent.reseed_random(os.urandom(ENTROPY_BYTES))
 
     def take_identity(self, hostname: str) -> None:
-        """A pooled sandbox that a pod took: the guest takes the pod's hostname and, if its
-        network moved into the pod's namespace (:meth:`SandboxNetwork.move_into`), the pod's
-        addresses and routes."""
+        """A pooled sandbox that a pod took (or `hako run --hostname`): the guest takes its
+        hostname and, if its network moved into the pod's namespace
+        (:meth:`SandboxNetwork.move_into`), the pod's addresses and routes."""
         started = time.monotonic()
         self._need_agent().update_sandbox(hostname, **self._guest_network())
         self.timing["identity"] = time.monotonic() - started

@@ -280,6 +280,11 @@ class SandboxDaemon:
 
     def Claim(self, request: daemon_pb.ClaimRequest, ctx: CallContext) -> daemon_pb.ClaimResponse:
         took = self._take_from_pool()
+        if request.hostname:  # (its network, as the pool set it up, goes with it unchanged)
+            try:
+                self.sandbox.take_identity(request.hostname)
+            except HakoError as exc:
+                self._pool_take_failed(exc)
         try:
             fd = os.open(request.notify_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
