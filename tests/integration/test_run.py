@@ -95,6 +95,19 @@ def test_dockers_other_run_options(hako: Hako, tmp_path: Path) -> None:
     assert bad.returncode == 125 and "no-new-privileges" in bad.stderr and hako.sandbox_dirs() == []
 
 
+def test_cap_add_and_cap_drop(hako: Hako) -> None:
+    only = hako("run", "--rm", "--cap-drop", "ALL", "--cap-add", "net_bind_service", BUSYBOX,
+                "grep", "CapEff", "/proc/self/status")  # fmt: skip
+    assert only.stdout.split() == ["CapEff:", f"{1 << 10:016x}"], only.stderr  # CAP_NET_BIND_SERVICE
+    mount = "mkdir -p /tmp/m && mount -t tmpfs none /tmp/m && echo mounted"
+    assert hako("run", "--rm", BUSYBOX, "sh", "-c", mount).returncode != 0  # no CAP_SYS_ADMIN
+    admin = hako("run", "--rm", "--cap-add", "SYS_ADMIN", BUSYBOX, "sh", "-c", mount)
+    assert admin.stdout == "mounted\n", admin.stderr
+    bad = hako("run", "--rm", "--cap-add", "NET_FLY", BUSYBOX, "true")
+    _one_line_error(bad, 125, "unknown capability 'NET_FLY'")
+    assert hako.sandbox_dirs() == []
+
+
 def test_a_missing_workdir_is_made_as_docker_and_runc_do(hako: Hako) -> None:
     result = hako("run", "--rm", "-w", "/made/here", "-u", "65534", BUSYBOX, "sh", "-c", "pwd; ls -ld .")
     lines = result.stdout.splitlines()

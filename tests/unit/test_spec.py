@@ -11,7 +11,7 @@ import pytest
 from hako.errors import ConfigError
 from hako.image.config import ImageConfig
 from hako.oci import defaults
-from hako.oci.spec import RunOptions, Volume, build_spec, merge_env, stop_signal
+from hako.oci.spec import RunOptions, Volume, build_spec, capabilities, merge_env, stop_signal
 from hako.oci.users import ExecUser, resolve_user
 
 BUSYBOX = ImageConfig(cmd=("sh",), env=("PATH=/usr/sbin:/usr/bin:/sbin:/bin",))
@@ -353,3 +353,20 @@ def test_the_images_stop_signal_is_an_annotation_hako_stop_reads() -> None:
     assert with_signal["annotations"] == {"org.opencontainers.image.stopSignal": "SIGQUIT"}
     assert stop_signal(with_signal) == "SIGQUIT"
     assert "annotations" not in spec() and stop_signal(spec()) is None
+
+
+def test_cap_add_and_cap_drop_as_docker_applies_them() -> None:
+    default = list(defaults.CAPABILITIES)
+    assert capabilities() == default
+    assert capabilities(add=["net_admin"], drop=["CAP_MKNOD"]) == [
+        *(cap for cap in default if cap != "CAP_MKNOD"),
+        "CAP_NET_ADMIN",
+    ]
+    assert capabilities(drop=["all"], add=["NET_BIND_SERVICE"]) == ["CAP_NET_BIND_SERVICE"]
+    every = capabilities(add=["ALL"], drop=["SYS_ADMIN"])
+    assert len(every) == len(defaults.ALL_CAPABILITIES) - 1 and "CAP_SYS_ADMIN" not in every
+    assert "CAP_KILL" in capabilities(add=["KILL"], drop=["KILL"])  # both: added, as Docker does
+    with pytest.raises(ConfigError, match="unknown capability 'NET_FLY'"):
+        capabilities(add=["NET_FLY"])
+    process = spec(RunOptions(cap_drop=["ALL"], cap_add=["CHOWN"]))["process"]
+    assert process["capabilities"] == {k: ["CAP_CHOWN"] for k in ("bounding", "effective", "permitted")}

@@ -63,6 +63,9 @@ def add_parsers(commands: Any) -> None:
     p.add_argument("--hostname", metavar="NAME", help="its host name (default: its short id)")
     p.add_argument("--read-only", action="store_true", help="mount the container's root filesystem read-only")
     p.add_argument("--pids-limit", type=int, metavar="N", help="at most N processes in the container")
+    for verb in ("add", "drop"):
+        text = f"{verb} a capability (or ALL)"
+        p.add_argument(f"--cap-{verb}", action="append", default=[], metavar="CAP", help=text)
     p.add_argument(
         "--security-opt",
         action="append",
@@ -136,10 +139,12 @@ def run(args: argparse.Namespace) -> int:
     volumes = [parse_volume(v) for v in args.volume]
     args.env = [*(item for path in args.env_file for item in read_env_file(path)), *args.env]
     args.no_new_privileges = no_new_privileges(args.security_opt)
-    if args.hostname:
-        from hako.oci.spec import check_hostname  # (only then: hako.image is not light)
+    if args.hostname or args.cap_add or args.cap_drop:
+        from hako.oci.spec import check_hostname, normalize_capabilities  # (hako.image is not light)
 
-        check_hostname(args.hostname)
+        if args.hostname:
+            check_hostname(args.hostname)
+        normalize_capabilities([*args.cap_add, *args.cap_drop])
     for volume in volumes:  # checked before any VM starts (Docker would make it: hako does not)
         if not os.path.exists(volume.source):
             raise UsageError(
@@ -358,6 +363,8 @@ def _spec(
         read_only=args.read_only,
         pids_limit=args.pids_limit if args.pids_limit and args.pids_limit > 0 else None,  # -1: unlimited
         no_new_privileges=args.no_new_privileges,
+        cap_add=args.cap_add,
+        cap_drop=args.cap_drop,
         **limits,
     )
     if isinstance(target, Bundle):

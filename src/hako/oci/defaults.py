@@ -33,6 +33,16 @@ CAPABILITIES = (
     "CAP_AUDIT_WRITE",
 )
 
+# Every capability Linux 6.1 knows, in number order (CAP_CHOWN is 0): for --cap-add ALL.
+_CAPABILITY_NAMES = (
+    "CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP LINUX_IMMUTABLE "
+    "NET_BIND_SERVICE NET_BROADCAST NET_ADMIN NET_RAW IPC_LOCK IPC_OWNER SYS_MODULE SYS_RAWIO "
+    "SYS_CHROOT SYS_PTRACE SYS_PACCT SYS_ADMIN SYS_BOOT SYS_NICE SYS_RESOURCE SYS_TIME "
+    "SYS_TTY_CONFIG MKNOD LEASE AUDIT_WRITE AUDIT_CONTROL SETFCAP MAC_OVERRIDE MAC_ADMIN SYSLOG "
+    "WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF CHECKPOINT_RESTORE"
+)
+ALL_CAPABILITIES = tuple(f"CAP_{name}" for name in _CAPABILITY_NAMES.split())
+
 # Network is left out on purpose: the whole VM is the network boundary, and the container shares
 # the guest's network namespace (as Kata does).
 # cgroup: the container sees its own cgroup as /sys/fs/cgroup (Docker's default on cgroup v2).

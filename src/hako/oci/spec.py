@@ -66,6 +66,8 @@ class RunOptions:
     volumes: Sequence[Volume] = ()
     read_only: bool = False
     no_new_privileges: bool = False
+    cap_add: Sequence[str] = ()  # capability names (CAP_ optional, any case) or ALL
+    cap_drop: Sequence[str] = ()
 
 
 def build_spec(
@@ -116,7 +118,7 @@ def _from_image(
     if options.terminal:
         env.append("TERM=xterm")
     env = merge_env(merge_env(env, image.env), _expand_env(options.env, environ))
-    caps = list(defaults.CAPABILITIES)
+    caps = capabilities(options.cap_add, options.cap_drop)
     process: dict[str, Any] = {
         "terminal": options.terminal,
         "user": _user_json(user),
@@ -143,6 +145,31 @@ def _from_image(
     if image.stop_signal:  # as the image spec's conversion to a runtime config says
         spec["annotations"] = {STOP_SIGNAL_ANNOTATION: image.stop_signal}
     return spec
+
+
+def capabilities(add: Sequence[str] = (), drop: Sequence[str] = ()) -> list[str]:
+    """Docker's default capabilities with ``--cap-add`` and ``--cap-drop`` applied as Docker
+    applies them: ALL added is every capability (less those dropped), ALL dropped leaves only
+    those added, and a capability both added and dropped is added."""
+    added, dropped = normalize_capabilities(add), normalize_capabilities(drop)
+    if "ALL" in added:
+        return [cap for cap in defaults.ALL_CAPABILITIES if cap not in dropped]
+    base = [] if "ALL" in dropped else [cap for cap in defaults.CAPABILITIES if cap not in dropped]
+    return base + [cap for cap in added if cap not in base]
+
+
+def normalize_capabilities(names: Sequence[str]) -> list[str]:
+    """``net_admin``, ``CAP_NET_ADMIN`` -> ``CAP_NET_ADMIN``; ``all`` -> ``ALL``. ConfigError for
+    a name Linux does not know."""
+    result = []
+    for name in names:
+        upper = name.strip().upper()
+        cap = upper if upper == "ALL" or upper.startswith("CAP_") else f"CAP_{upper}"
+        if cap != "ALL" and cap not in defaults.ALL_CAPABILITIES:
+            raise ConfigError(f"unknown capability {name!r}: use a name such as NET_ADMIN, or ALL")
+        if cap not in result:
+            result.append(cap)
+    return result
 
 
 def stop_signal(spec: Mapping[str, Any]) -> str | None:
