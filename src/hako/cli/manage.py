@@ -57,21 +57,15 @@ def add_parsers(commands: Any) -> None:
     p.add_argument("containers", nargs="+")
     p.set_defaults(func=stop)
 
-    p = commands.add_parser("pause", help="pause containers: their VMs' vCPUs stop")
-    p.add_argument("containers", nargs="+")
-    p.set_defaults(func=pause)
-
-    p = commands.add_parser("unpause", help="resume paused containers")
-    p.add_argument("containers", nargs="+")
-    p.set_defaults(func=unpause)
-
-    p = commands.add_parser("wait", help="wait for containers to exit, and print their exit codes")
-    p.add_argument("containers", nargs="+")
-    p.set_defaults(func=wait)
-
-    p = commands.add_parser("inspect", help="a container's state, VM and spec, as JSON")
-    p.add_argument("containers", nargs="+")
-    p.set_defaults(func=inspect)
+    for name, func, text in (
+        ("pause", pause, "pause containers: their VMs' vCPUs stop"),
+        ("unpause", unpause, "resume paused containers"),
+        ("wait", wait, "wait for containers to exit, and print their exit codes"),
+        ("inspect", inspect, "a container's state, VM and spec, as JSON"),
+    ):
+        p = commands.add_parser(name, help=text)
+        p.add_argument("containers", nargs="+")
+        p.set_defaults(func=func)
 
     p = commands.add_parser("rm", help="remove containers")
     p.add_argument("-f", "--force", action="store_true", help="stop running containers first")
