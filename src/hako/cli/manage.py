@@ -132,12 +132,18 @@ def ps(args: argparse.Namespace) -> int:
 
 def _running(ref: str) -> SandboxState:
     state = find(ref)
-    status = state.effective_status()
-    if status == Status.PAUSED:
-        raise ContainerError(f"container {state.name} is paused: hako unpause {state.name} first")
+    status = _not_paused(state)
     if status != Status.RUNNING:
         raise ContainerError(f"container {state.name} is not running ({_status_text(state, status).lower()})")
     return state
+
+
+def _not_paused(state: SandboxState) -> Status:
+    """``state``'s status, or ContainerError if it is paused (its guest could not answer)."""
+    status = state.effective_status()
+    if status == Status.PAUSED:
+        raise ContainerError(f"container {state.name} is paused: hako unpause {state.name} first")
+    return status
 
 
 def exec_(args: argparse.Namespace) -> int:
@@ -212,10 +218,7 @@ def stop_container(state: SandboxState, signum: int | None, grace: float) -> Non
     """Signal the container's main process (``signum``, else its image's stop signal, else
     SIGTERM), give it ``grace`` seconds to exit, then SIGKILL it, as ``docker stop`` does. One
     that is not running is stopped already."""
-    status = state.effective_status()
-    if status == Status.PAUSED:
-        raise ContainerError(f"container {state.name} is paused: hako unpause {state.name} first")
-    if status != Status.RUNNING:
+    if _not_paused(state) != Status.RUNNING:
         return
     if signum is None:
         spec = json.loads((state.dir / "config.json").read_text())
@@ -231,16 +234,22 @@ def stop_container(state: SandboxState, signum: int | None, grace: float) -> Non
             if _stopped(state):  # it ended meanwhile
                 return
             raise
-        deadline = time.monotonic() + wait
-        while not _stopped(state):
-            if time.monotonic() >= deadline:
-                break
-            time.sleep(0.05)
-        else:
+        if _wait_stopped(state, wait):
             return
     raise ContainerError(
         f"container {state.name} did not stop, even after SIGKILL: hako rm -f {state.name} ends its VM"
     )
+
+
+def _wait_stopped(state: SandboxState, timeout: float | None = None) -> bool:
+    """Wait up to ``timeout`` seconds (None: for as long as it takes) for ``state``'s container
+    to exit; whether it did."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not _stopped(state):
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _stopped(state: SandboxState) -> bool:
@@ -303,8 +312,7 @@ def _exit_status(state: SandboxState) -> int:
                 return agent.wait_process(state.id)
             finally:
                 agent.close()
-        while not _stopped(state):  # its daemon went away without answering
-            time.sleep(0.1)
+        _wait_stopped(state)  # its daemon went away without answering
     try:
         status = SandboxState.load(state.dir).exit_status
     except (OSError, ValueError):

@@ -103,7 +103,7 @@ def row(state: SandboxState, before: Reading, after: Reading) -> tuple[str, ...]
 HEADER = ("CONTAINER ID", "NAME", "CPU %", "MEM USAGE / LIMIT", "MEM %", "PIDS", "VM ON HOST (PSS)")
 
 
-def _running(refs: list[str]) -> list[SandboxState]:
+def _shown(refs: list[str]) -> list[SandboxState]:
     if refs:
         return [find(ref) for ref in refs]
     return [s for s in all_states() if s.status != Status.POOLED and s.effective_status() == Status.RUNNING]
@@ -122,7 +122,7 @@ def _readings(states: list[SandboxState]) -> dict[str, Reading]:
 
 def stats(args: argparse.Namespace) -> int:
     require_root("stats")
-    states = _running(args.containers)
+    states = _shown(args.containers)
     for state in states:
         if args.containers and state.effective_status() != Status.RUNNING:
             raise HakoError(f"container {state.name} is not running")
@@ -130,7 +130,7 @@ def stats(args: argparse.Namespace) -> int:
     while True:
         time.sleep(INTERVAL)
         if not args.containers:
-            states = _running([])  # containers come and go while it streams
+            states = _shown([])  # containers come and go while it streams
         after = _readings(states)
         rows = [row(s, before[s.id], after[s.id]) for s in states if s.id in before and s.id in after]
         if not args.no_stream and sys.stdout.isatty():

@@ -129,7 +129,7 @@ def bind(source: Path, target: Path, *, readonly: bool = False, from_host: bool 
     """Bind ``source`` (file or directory, recursively) at ``target``, creating the mount point.
     ``from_host``: ``source`` as the host's mount namespace has it now (see the module's doc).
     SourceMissing if it does not exist."""
-    if from_host and _Host.namespace is not None:
+    if from_host:
         tree = in_host_namespace(lambda: _open_tree(source))
         try:
             _make_mount_point(target, directory=stat.S_ISDIR(os.fstat(tree).st_mode))
