@@ -202,10 +202,30 @@ def _cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
-def test_wait_and_inspect(hako: Hako) -> None:
-    hako("run", "-d", "--rm", "--name", "brief", BUSYBOX, "sh", "-c", "sleep 1; exit 4", check=True)
+def test_wait_and_inspect(hako: Hako, tmp_path: Path) -> None:
     hako("run", "-d", "--name", "kept", BUSYBOX, "sh", "-c", "exit 5", check=True)
-    assert hako("wait", "brief", "kept", check=True).stdout == "4\n5\n"  # --rm: its daemon answers
+    # A --rm container is gone once it has exited (as Docker's), so it waits for the test's
+    # word to exit, given well after `hako wait` is under way.
+    gate = "until [ -e /gate/go ]; do sleep 0.1; done; exit 4"
+    hako(
+        "run",
+        "-d",
+        "--rm",
+        "--name",
+        "brief",
+        "-v",
+        f"{tmp_path}:/gate",
+        BUSYBOX,
+        "sh",
+        "-c",
+        gate,
+        check=True,
+    )
+    waiting = hako.popen("wait", "brief", "kept", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(3)
+    (tmp_path / "go").touch()
+    out, err = waiting.communicate(timeout=60)
+    assert (waiting.returncode, out) == (0, "4\n5\n"), err  # --rm: its daemon answers
     [record] = json.loads(hako("inspect", "kept", check=True).stdout)
     assert (record["name"], record["status"], record["exit_status"]) == ("kept", "exited", 5)
     assert record["spec"]["process"]["args"] == ["sh", "-c", "exit 5"] and record["kernel"] == "trimmed"
