@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 import tomllib
 from pathlib import Path
 
@@ -150,6 +151,9 @@ def test_sweep_kills_a_process_left_without_containerd(ctr: Ctr, containerd: Con
     env = {**os.environ, "HAKO_RUN": str(containerd.paths.hako_run)}
     proc = subprocess.Popen(["sh", "-c", "sleep 1000; true"], env=env)
     try:
+        deadline = time.monotonic() + 10  # (it is found once it runs sh, with that environment)
+        while proc.pid not in [p.pid for p in containerd.processes()] and time.monotonic() < deadline:
+            time.sleep(0.05)
         problems = containerd.sweep([NAMESPACE], settle=0.5)
         assert any(p.startswith(f"process left: {proc.pid} ") for p in problems), problems
         assert proc.wait(timeout=5) == -9
