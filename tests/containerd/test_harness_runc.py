@@ -155,7 +155,8 @@ def test_sweep_kills_a_process_left_without_containerd(ctr: Ctr, containerd: Con
         while proc.pid not in [p.pid for p in containerd.processes()] and time.monotonic() < deadline:
             time.sleep(0.05)
         problems = containerd.sweep([NAMESPACE], settle=0.5)
-        assert any(p.startswith(f"process left: {proc.pid} ") for p in problems), problems
+        seen = f"{proc.pid} exited {proc.returncode}" if proc.poll() is not None else f"{proc.pid} runs"
+        assert any(p.startswith(f"process left: {proc.pid} ") for p in problems), (problems, seen)
         assert proc.wait(timeout=5) == -9
     finally:
         proc.kill()
