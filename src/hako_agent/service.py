@@ -146,9 +146,13 @@ class AgentService:
         return self._sandbox
 
     def warm_up(self) -> None:
-        """Import what containers need and start the reaper (right after serving begins)."""
+        """Import what containers need, start the reaper and read the disks' serials (right
+        after serving begins)."""
         _ = self.sandbox
         import hako_agent.spawn  # noqa: F401  (json, resource, socket, ...)
+        from hako_agent.sandbox import BLOCK_DEVICES
+
+        BLOCK_DEVICES.load()
 
         self.warm = True
 

@@ -4,13 +4,14 @@ uses one, and not at all in a sandbox whose containers need none."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from hako_agent import sandbox as sandbox_module
 from hako_agent.errors import InvalidArgument
-from hako_agent.sandbox import Sandbox, Storage
+from hako_agent.sandbox import BlockDevices, Sandbox, Storage, block_device
 from hako_agent.spec import parse_spec
 
 SHARE = Storage("9p", "hako", "9p", ["trans=virtio"], "/run/hako/shared")
@@ -92,3 +93,31 @@ def test_a_bad_mount_point_fails_setup() -> None:
     box = Sandbox(reaper=reaper, cgroup_root=None)
     with pytest.raises(InvalidArgument, match="mount_point"):
         box.setup("", [Storage("9p", "hako", "9p", [], "relative")], [], 0)
+
+
+def _disk(sys_block: Path, name: str, serial: str) -> None:
+    (sys_block / name).mkdir(parents=True)
+    (sys_block / name / "serial").write_text(serial + "\n")
+
+
+def test_disks_are_found_by_serial_from_one_reading(tmp_path: Path) -> None:
+    sys_block = tmp_path / "block"
+    _disk(sys_block, "vda", "hako-slot-0")
+    _disk(sys_block, "vdb", "hako-slot-1")
+    (sys_block / "loop0").mkdir()  # no serial: not a virtio disk
+    devices = BlockDevices(str(sys_block))
+    devices.load()
+    (sys_block / "vdb" / "serial").unlink()  # not read again: a disk keeps its serial
+    assert block_device("hako-slot-1", "storages[0]", devices) == "/dev/vdb"
+    assert block_device("/dev/vdz", "storages[0]", devices) == "/dev/vdz"  # a node as it is
+
+
+def test_a_serial_not_seen_is_looked_for_again(tmp_path: Path) -> None:
+    sys_block = tmp_path / "block"
+    _disk(sys_block, "vda", "hako-slot-0")
+    devices = BlockDevices(str(sys_block))
+    assert devices.find("hako-slot-0") == "/dev/vda"
+    _disk(sys_block, "vdb", "hako-slot-1")
+    assert devices.find("hako-slot-1") == "/dev/vdb"
+    with pytest.raises(InvalidArgument, match=r"storages\[2\]\.source: no disk with serial 'nope'"):
+        block_device("nope", "storages[2]", devices)
