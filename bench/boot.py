@@ -7,6 +7,11 @@ the agent, container create/start/run, teardown), medians, and the wall time of
 the whole command. Then the guest image sizes and the host memory one idle
 sandbox takes (PSS of its QEMU and of its daemon, median over a few sandboxes).
 
+This machine's speed drifts by a third within the hour, so each round also runs
+``runsc --platform=ptrace run`` of a bundle with the same busybox rootfs (where
+runsc is installed): its median is the yardstick the figures were taken at (the
+issues' reference speed is runsc at ~146-150 ms).
+
 Runs against a throw-away state and image store (the busybox image is built
 from Debian's busybox-static). Needs root, QEMU and the built guest assets.
 
@@ -80,6 +85,30 @@ def run_once(env: dict[str, str], kernel: str, template: str = "off", pool: bool
     figures: dict[str, float] = report["timing"]
     figures["wall"] = wall
     return figures
+
+
+def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
+    started = time.perf_counter()
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(argv[:3])} ... failed ({result.returncode}): {result.stderr.strip()}")
+    return wall
+
+
+def make_bundle(store: ImageStore, bundle: Path) -> None:
+    """An OCI bundle for runc and runsc: the busybox image's rootfs (read-only), ``true``."""
+    image = store.resolve(IMAGE)
+    rootfs = getattr(image, "rootfs", None)
+    if not isinstance(rootfs, Path):
+        raise SystemExit(f"{IMAGE} has no unpacked rootfs")
+    bundle.mkdir(parents=True)
+    subprocess.run(["runc", "spec", "--bundle", str(bundle)], check=True)
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["root"] = {"path": str(rootfs), "readonly": True}
+    spec["process"]["args"] = ["true"]
+    spec["process"]["terminal"] = False
+    (bundle / "config.json").write_text(json.dumps(spec, indent=1))
 
 
 def pss_kib(pid: int) -> int:
@@ -225,10 +254,17 @@ def main() -> None:
         print(f"accelerator: {accel.name.upper()} ({accel.reason})")
         print(f"runs: {args.runs} per kernel, medians; image: {IMAGE}\n")
 
+        runsc = shutil.which("runsc")
+        if runsc is not None:
+            make_bundle(ImageStore(scratch / "images"), scratch / "bundle")
         results: dict[str, list[dict[str, float]]] = {kernel: [] for kernel in kernels}
-        for _ in range(args.runs):  # interleaved, so drift in the machine's speed hits all alike
+        yardstick: list[float] = []
+        for i in range(args.runs):  # interleaved, so drift in the machine's speed hits all alike
             for kernel in kernels:
                 results[kernel].append(run_once(env, kernel))
+            if runsc is not None:
+                argv = [runsc, "--platform=ptrace", "--network=none", "--root", str(scratch / "runsc")]
+                yardstick.append(timed([*argv, "run", "--bundle", str(scratch / "bundle"), f"y{i}"]))
 
         width = max(len(label) for _, label in PHASES)
         header = "".join(f"{kernel + ' kernel':>18}" for kernel in kernels)
@@ -239,6 +275,9 @@ def main() -> None:
                 values = [run[key] for run in results[kernel] if key in run]
                 cells.append(f"{statistics.median(values) * 1000:15.0f} ms" if values else f"{'-':>18}")
             print(f"{label:<{width}}{''.join(cells)}")
+        if yardstick:
+            ms = statistics.median(yardstick) * 1000
+            print(f"{'the yardstick: runsc --platform=ptrace run':<{width}}{ms:15.0f} ms (same rounds)")
 
         print()
         for kernel in kernels:
@@ -252,6 +291,10 @@ def main() -> None:
         label = f"host memory per idle sandbox (trimmed kernel, median of {args.sandboxes})"
         print(f"{label}: {memory.describe()}")
     finally:
+        if (scratch / "runsc").is_dir():
+            for container in (scratch / "runsc").iterdir():
+                argv = ["runsc", "--root", str(scratch / "runsc"), "delete", "-f", container.name]
+                subprocess.run(argv, capture_output=True, check=False)
         shutil.rmtree(scratch, ignore_errors=True)
 
 

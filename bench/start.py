@@ -30,7 +30,6 @@ assets, runc and runsc (Debian packages).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -43,25 +42,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for bench.boot
 
-from bench.boot import IMAGE, hako_command, host_ksm, machine, measure_memory, run_once
+from bench.boot import (
+    IMAGE,
+    hako_command,
+    host_ksm,
+    machine,
+    make_bundle,
+    measure_memory,
+    run_once,
+    timed,
+)
 from hako.hypervisor import choose
 from hako.image.busybox import build_busybox_image
 from hako.image.store import ImageStore
-
-
-def make_bundle(store: ImageStore, bundle: Path) -> None:
-    """An OCI bundle for runc and runsc: the busybox image's rootfs (read-only), ``true``."""
-    image = store.resolve(IMAGE)
-    rootfs = getattr(image, "rootfs", None)
-    if not isinstance(rootfs, Path):
-        raise SystemExit(f"{IMAGE} has no unpacked rootfs")
-    bundle.mkdir(parents=True)
-    subprocess.run(["runc", "spec", "--bundle", str(bundle)], check=True)
-    spec = json.loads((bundle / "config.json").read_text())
-    spec["root"] = {"path": str(rootfs), "readonly": True}
-    spec["process"]["args"] = ["true"]
-    spec["process"]["terminal"] = False
-    (bundle / "config.json").write_text(json.dumps(spec, indent=1))
 
 
 def wait_for_pool(env: dict[str, str], timeout: float = 120.0) -> None:
@@ -74,15 +67,6 @@ def wait_for_pool(env: dict[str, str], timeout: float = 120.0) -> None:
             return
         time.sleep(0.2)
     raise SystemExit("the warm pool did not refill")
-
-
-def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
-    started = time.perf_counter()
-    result = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
-    wall = time.perf_counter() - started
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(argv[:3])} ... failed ({result.returncode}): {result.stderr.strip()}")
-    return wall
 
 
 def main() -> None:
