@@ -102,5 +102,16 @@ def test_removing_the_image_removes_its_disk(hako: Hako, tmp_path: Path) -> None
     own("run", "--rm", BUSYBOX, "true", check=True)
     disk = ImageStore(tmp_path / "images").get(BUSYBOX).path / DISK_IMAGE
     assert disk.is_file()
-    own("image", "rm", BUSYBOX, check=True)
+    # Not while a container uses it (as docker rmi); -f only when none of them runs.
+    own("run", "-d", "--name", "user", BUSYBOX, "sleep", "1000", check=True)
+    own("run", "--name", "done", BUSYBOX, "true", check=True)
+    for argv in (("image", "rm", BUSYBOX), ("image", "rm", "-f", BUSYBOX)):
+        refused = own(*argv)
+        assert refused.returncode == 125 and "in use by running container user" in refused.stderr
+    own("rm", "-f", "user", check=True)
+    refused = own("image", "rm", BUSYBOX)
+    assert refused.returncode == 125 and "in use by exited container done" in refused.stderr
+    assert disk.is_file()
+    own("image", "rm", "-f", BUSYBOX, check=True)
     assert not disk.exists()
+    own("rm", "done", check=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -21,6 +22,7 @@ from hako.runtime.state import (
     new_id,
     process_start_ticks,
     reserve,
+    using,
 )
 
 
@@ -135,3 +137,14 @@ def test_channel_blocks_splits_and_ends() -> None:
     waiting = Channel()
     cancelled.set()
     assert waiting.read(10, cancelled) is None
+
+
+def test_containers_using_an_image_are_found_by_their_specs_rootfs(tmp_path: Path) -> None:
+    image = tmp_path / "images" / "abc"
+    for name, root in (("a", image / "rootfs"), ("b", tmp_path / "images" / "abcd" / "rootfs"), ("c", None)):
+        state = _state(name)
+        state.dir.mkdir(parents=True)
+        state.save()
+        if root is not None:  # (c: no spec yet, being created)
+            (state.dir / "config.json").write_text(json.dumps({"root": {"path": str(root)}}))
+    assert [state.name for state in using(image)] == ["a"]

@@ -15,7 +15,7 @@ from typing import Any
 import hako
 from hako import assets
 from hako.cli.common import require_root
-from hako.errors import HakoError
+from hako.errors import HakoError, UsageError
 from hako.hypervisor import choose, find_qemu, probe_kvm
 from hako.image.busybox import build_busybox_image
 from hako.image.debian import build_fio_image, build_iperf3_image, build_nginx_image
@@ -47,6 +47,7 @@ def add_parsers(commands: Any) -> None:
     ls = sub.add_parser("ls", help="list images")
     ls.set_defaults(func=image_ls)
     r = sub.add_parser("rm", help="remove an image")
+    r.add_argument("-f", "--force", action="store_true", help="even if exited containers used it")
     r.add_argument("image")
     r.set_defaults(func=image_rm)
     for kind, (build, help_text) in IMAGE_BUILDERS.items():
@@ -115,8 +116,22 @@ def image_ls(args: argparse.Namespace) -> int:
 
 
 def image_rm(args: argparse.Namespace) -> int:
+    """As ``docker rmi``: not while a container uses the image (a running one's rootfs would go
+    from under it); with ``-f``, not while a running one does."""
+    from hako.runtime.state import Status, using
+
     require_root("image rm")
-    image = ImageStore().remove(args.image)
+    store = ImageStore()
+    image = store.get(args.image)
+    for state in using(image.path):
+        running = state.effective_status() not in (Status.EXITED, Status.DEAD)
+        if running or not args.force:
+            remedy = f"hako rm -f {state.name}" if running else f"hako rm {state.name}, or hako image rm -f"
+            raise UsageError(
+                f"image {args.image} is in use by {'running' if running else 'exited'} container "
+                f"{state.name} ({state.short_id}): {remedy}"
+            )
+    store.remove(image.id)
     print(image.id)
     return 0
 

@@ -173,6 +173,21 @@ def all_states() -> list[SandboxState]:
     return sorted(states, key=lambda s: s.created)
 
 
+def using(path: Path) -> list[SandboxState]:
+    """Containers whose rootfs is under ``path`` (an image's directory in the store), as the
+    spec in their run dir says; whatever their status."""
+    users = []
+    for state in all_states():
+        try:
+            spec = json.loads((state.dir / "config.json").read_text())
+            root = Path(spec["root"]["path"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if root == path or path in root.parents:
+            users.append(state)
+    return users
+
+
 def find(ref: str) -> SandboxState:
     """A sandbox by name, full id or unique id prefix."""
     states = all_states()
