@@ -280,6 +280,23 @@ def test_ctrl_c_reaches_the_container_as_sigint(hako: Hako) -> None:
     assert (process.returncode, out) == (130, "got SIGINT\n"), err
 
 
+@pytest.mark.parametrize("detach", [False, True], ids=["attached", "detached"])
+def test_ctrl_c_while_the_vm_boots_leaves_nothing(hako: Hako, detach: bool) -> None:
+    """Interrupted before its container ran, `hako run` ends as a failed one does: no VM, no record."""
+    argv = ["run", "--template", "off", *(["-d"] if detach else []), BUSYBOX, "sleep", "30"]
+    process = hako.popen(*argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not qemu_pids_under(hako.run_root) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert qemu_pids_under(hako.run_root), "no VM was started"
+    process.send_signal(signal.SIGINT)  # the guest is still booting (a cold boot takes ~2 s here)
+    out, err = process.communicate(timeout=60)
+    # 130, or Python's own exit by SIGINT after a KeyboardInterrupt (which a shell shows as 130)
+    assert process.returncode in (130, -signal.SIGINT) and out == "", (process.returncode, err)
+    assert hako.sandbox_dirs() == [] and qemu_pids_under(hako.run_root) == []
+    assert hako("ps", "-a").stdout.count("\n") == 1  # the header only
+
+
 def test_volumes_read_write_and_read_only(hako: Hako, tmp_path: Path) -> None:
     shared = tmp_path / "data"
     shared.mkdir()

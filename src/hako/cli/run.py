@@ -29,6 +29,7 @@ from hako.runtime.config import SandboxConfig
 from hako.runtime.launch import Notifications, fork_sandbox
 from hako.runtime.state import (
     SandboxState,
+    Status,
     check_name_free,
     creation_lock,
     new_id,
@@ -340,6 +341,20 @@ def _run(
         else:
             _final(notify)  # the daemon records the failure and stops the VM once we hang up
         raise
+    except KeyboardInterrupt:
+        # Ctrl-C before the container ran (its VM still booting, say): it never will, and
+        # nothing of it stays, as after a failure. Once it runs, SIGINT is the container's.
+        if _never_started(state):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not stop the clean-up
+            _abort(state, daemon, notify)
+        raise
+
+
+def _never_started(state: SandboxState) -> bool:
+    try:
+        return SandboxState.load(state.dir).status in (Status.CREATING, Status.POOLED)
+    except (OSError, ValueError, KeyError, TypeError):
+        return True  # its record is gone (its daemon ended): nothing to wait for
 
 
 def _spec(
