@@ -128,3 +128,37 @@ def test_security_opt_knows_no_new_privileges() -> None:
     for unknown in ("seccomp=unconfined", "no-new-privileges:maybe", "apparmor=x"):
         with pytest.raises(UsageError, match="no-new-privileges"):
             no_new_privileges([unknown])
+
+
+def test_a_termination_signal_ends_the_command_as_ctrl_c_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM and SIGHUP raise as Ctrl-C does (hako run cleans up), and the exit code is 128 +
+    the signal, as a shell reports a command the signal killed."""
+    import argparse
+    import os
+    import signal
+
+    from hako.cli import main as cli_main
+    from hako.cli.common import Interrupted, interrupt_on
+
+    previous = signal.getsignal(signal.SIGHUP)
+    try:
+        interrupt_on(signal.SIGHUP)
+        with pytest.raises(Interrupted) as raised:
+            os.kill(os.getpid(), signal.SIGHUP)
+        assert raised.value.signum == signal.SIGHUP and isinstance(raised.value, KeyboardInterrupt)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+    def interrupted(args: argparse.Namespace) -> int:
+        raise Interrupted(signal.SIGTERM)
+
+    def ctrl_c(args: argparse.Namespace) -> int:
+        raise KeyboardInterrupt
+
+    for func, code in ((interrupted, 143), (ctrl_c, 130)):
+        parser = argparse.ArgumentParser()
+        parser.set_defaults(func=func)
+        monkeypatch.setattr(cli_main, "build_parser", lambda argv=None, parser=parser: parser)
+        with pytest.raises(SystemExit) as exited:
+            cli_main.main([])
+        assert exited.value.code == code

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -10,6 +11,24 @@ from collections.abc import Sequence
 from hako.errors import UsageError
 from hako.hypervisor import Accelerator, choose
 from hako.runtime import paths
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal that ends the command as Ctrl-C does (SIGTERM, SIGHUP): its exit code is 128 + it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def interrupt_on(*signums: int) -> None:
+    """Make ``signums`` raise :class:`Interrupted`, so that the command cleans up as for Ctrl-C."""
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    for signum in signums:
+        signal.signal(signum, interrupted)
 
 
 def require_root(command: str) -> None:

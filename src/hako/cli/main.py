@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except HakoError as exc:
         print(f"hako: {exc}", file=sys.stderr)
         code = exc.exit_code
-    except KeyboardInterrupt:
-        code = 130
+    except KeyboardInterrupt as exc:
+        code = 128 + getattr(exc, "signum", 2)  # Ctrl-C: SIGINT (2), as a shell reports it
     sys.stdout.flush()
     sys.exit(code)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hako import assets
-from hako.cli.common import accelerator, process_age, require_root
+from hako.cli.common import accelerator, interrupt_on, process_age, require_root
 from hako.cli.options import no_new_privileges, parse_cpus, parse_memory, parse_volume, read_env_file
 from hako.errors import HakoError, SandboxError, UsageError
 from hako.hypervisor import find_qemu
@@ -303,6 +303,7 @@ def _run(
     **limits: Any,
 ) -> int:
     created = False
+    interrupt_on(signal.SIGTERM, signal.SIGHUP)  # as Ctrl-C (this process only: its daemon is forked)
     try:
         if not claimed:
             notify.expect("launched")
@@ -342,10 +343,12 @@ def _run(
             _final(notify)  # the daemon records the failure and stops the VM once we hang up
         raise
     except KeyboardInterrupt:
-        # Ctrl-C before the container ran (its VM still booting, say): it never will, and
-        # nothing of it stays, as after a failure. Once it runs, SIGINT is the container's.
+        # Ctrl-C (or SIGTERM, SIGHUP) before the container ran (its VM still booting, say): it
+        # never will, and nothing of it stays, as after a failure. Once it runs, the signal is
+        # the container's (hako.cli.attach forwards it).
         if _never_started(state):
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not stop the clean-up
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # nor stop the clean-up
+                signal.signal(signum, signal.SIG_IGN)
             _abort(state, daemon, notify)
         raise
 
