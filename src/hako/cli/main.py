@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
         from hako.assets.__main__ import main as assets_main
 
         sys.exit(assets_main(words[1:]))
-    args = build_parser(argv).parse_args(argv)
     try:
+        args = build_parser(argv).parse_args(argv)  # (imports the command's modules: Ctrl-C may come)
         code = args.func(args)
     except HakoError as exc:
         print(f"hako: {exc}", file=sys.stderr)

@@ -200,7 +200,17 @@ def run(args: argparse.Namespace) -> int:
     if config.template is not None and args.template == "auto" and not args.no_pool and pooled:
         while (taken := pool.take(config.template.name, args.network)) is not None:
             args.startup = process_age()
-            notify = _claim(args, taken)
+            interrupt_on(signal.SIGTERM, signal.SIGHUP)  # as Ctrl-C (see _run)
+            try:
+                notify = _claim(args, taken)
+            except KeyboardInterrupt:  # claimed or not, it is ours: nobody else would stop it
+                from hako.cli.manage import remove_sandbox
+
+                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                    signal.signal(signum, signal.SIG_IGN)
+                remove_sandbox(taken, force=True)
+                pool.refill_in_background(pool.Shape.of(taken))
+                raise
             if notify is None:
                 continue  # it died in the pool: the next one, or a sandbox of our own
             try:
