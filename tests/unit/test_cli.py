@@ -142,7 +142,7 @@ def test_a_termination_signal_ends_the_command_as_ctrl_c_does(monkeypatch: pytes
 
     previous = signal.getsignal(signal.SIGHUP)
     try:
-        interrupt_on(signal.SIGHUP)
+        interrupt_on((signal.SIGHUP,))
         with pytest.raises(Interrupted) as raised:
             os.kill(os.getpid(), signal.SIGHUP)
         assert raised.value.signum == signal.SIGHUP and isinstance(raised.value, KeyboardInterrupt)

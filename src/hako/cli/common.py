@@ -21,7 +21,10 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-def interrupt_on(*signums: int) -> None:
+INTERRUPTS = (signal.SIGTERM, signal.SIGHUP)  # what ends a command as Ctrl-C (SIGINT) does
+
+
+def interrupt_on(signums: tuple[int, ...] = INTERRUPTS) -> None:
     """Make ``signums`` raise :class:`Interrupted`, so that the command cleans up as for Ctrl-C."""
 
     def interrupted(signum: int, frame: object) -> None:
@@ -29,6 +32,12 @@ def interrupt_on(*signums: int) -> None:
 
     for signum in signums:
         signal.signal(signum, interrupted)
+
+
+def ignore_interrupts() -> None:
+    """Ctrl-C and :data:`INTERRUPTS` no longer stop this process (while it cleans up)."""
+    for signum in (signal.SIGINT, *INTERRUPTS):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def require_root(command: str) -> None:

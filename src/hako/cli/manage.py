@@ -151,7 +151,7 @@ def exec_(args: argparse.Namespace) -> int:
     if not args.command:
         raise UsageError("hako exec needs a command: hako exec CONTAINER COMMAND [ARG...]")
     state = _running(args.container)
-    spec: dict[str, Any] = json.loads((state.dir / "config.json").read_text())
+    spec = state.spec()
     base = spec["process"]
     process: dict[str, Any] = {
         "terminal": bool(args.tty),
@@ -221,7 +221,7 @@ def stop_container(state: SandboxState, signum: int | None, grace: float) -> Non
     if _not_paused(state) != Status.RUNNING:
         return
     if signum is None:
-        spec = json.loads((state.dir / "config.json").read_text())
+        spec = state.spec()
         signum = parse_signal(stop_signal(spec) or "TERM")
     for sent, wait in ((signum, grace), (signal.SIGKILL, KILL_GRACE)):
         try:
@@ -331,7 +331,7 @@ def inspect(args: argparse.Namespace) -> int:
         record["status"] = state.effective_status().value
         record["dir"] = str(state.dir)
         try:
-            record["spec"] = json.loads((state.dir / "config.json").read_text())
+            record["spec"] = state.spec()
         except (OSError, ValueError):
             record["spec"] = None  # not created yet, or a pooled VM
         found.append(record)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hako import assets
-from hako.cli.common import accelerator, interrupt_on, process_age, require_root
+from hako.cli.common import accelerator, ignore_interrupts, interrupt_on, process_age, require_root
 from hako.cli.options import no_new_privileges, parse_cpus, parse_memory, parse_volume, read_env_file
 from hako.errors import HakoError, SandboxError, UsageError
 from hako.hypervisor import find_qemu
@@ -28,6 +28,7 @@ from hako.runtime import pool, templates
 from hako.runtime.config import SandboxConfig
 from hako.runtime.launch import Notifications, fork_sandbox
 from hako.runtime.state import (
+    SPEC_FILE,
     SandboxState,
     Status,
     check_name_free,
@@ -200,14 +201,13 @@ def run(args: argparse.Namespace) -> int:
     if config.template is not None and args.template == "auto" and not args.no_pool and pooled:
         while (taken := pool.take(config.template.name, args.network)) is not None:
             args.startup = process_age()
-            interrupt_on(signal.SIGTERM, signal.SIGHUP)  # as Ctrl-C (see _run)
+            interrupt_on()  # SIGTERM and SIGHUP as Ctrl-C (see _run)
             try:
                 notify = _claim(args, taken)
             except KeyboardInterrupt:  # claimed or not, it is ours: nobody else would stop it
                 from hako.cli.manage import remove_sandbox
 
-                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                    signal.signal(signum, signal.SIG_IGN)
+                ignore_interrupts()  # nor stop the clean-up
                 remove_sandbox(taken, force=True)
                 pool.refill_in_background(pool.Shape.of(taken))
                 raise
@@ -313,13 +313,13 @@ def _run(
     **limits: Any,
 ) -> int:
     created = False
-    interrupt_on(signal.SIGTERM, signal.SIGHUP)  # as Ctrl-C (this process only: its daemon is forked)
+    interrupt_on()  # SIGTERM and SIGHUP as Ctrl-C (this process only: its daemon is forked)
     try:
         if not claimed:
             notify.expect("launched")
         spec, image_name, disk = _spec(args, state.id, **limits)
         try:
-            (state.dir / "config.json").write_text(json.dumps(spec, indent=1))
+            (state.dir / SPEC_FILE).write_text(json.dumps(spec, indent=1))
         except FileNotFoundError as exc:  # its daemon ended, and took its run dir along
             raise SandboxError("the sandbox ended before its container was created") from exc
         if not claimed:
@@ -357,8 +357,7 @@ def _run(
         # never will, and nothing of it stays, as after a failure. Once it runs, the signal is
         # the container's (hako.cli.attach forwards it).
         if _never_started(state):
-            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # nor stop the clean-up
-                signal.signal(signum, signal.SIG_IGN)
+            ignore_interrupts()  # nor stop the clean-up
             _abort(state, daemon, notify)
         raise
 

@@ -26,6 +26,7 @@ from hako.errors import SandboxNotFound, UsageError
 from hako.runtime import paths
 
 STATE_FILE = "state.json"
+SPEC_FILE = "config.json"  # the OCI spec its container runs (host paths), once `hako run` wrote it
 
 
 class Status(str, Enum):
@@ -89,6 +90,11 @@ class SandboxState:
         data["status"] = Status(data["status"])
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    def spec(self) -> dict[str, Any]:
+        """The OCI spec its container runs. OSError or ValueError if it has none (yet)."""
+        spec: dict[str, Any] = json.loads((self.dir / SPEC_FILE).read_text())
+        return spec
 
     def daemon_alive(self) -> bool:
         return self.daemon_pid is not None and process_start_ticks(self.daemon_pid) == self.daemon_start_ticks
@@ -179,8 +185,7 @@ def using(path: Path) -> list[SandboxState]:
     users = []
     for state in all_states():
         try:
-            spec = json.loads((state.dir / "config.json").read_text())
-            root = Path(spec["root"]["path"])
+            root = Path(state.spec()["root"]["path"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if root == path or path in root.parents:
