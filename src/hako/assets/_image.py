@@ -13,7 +13,14 @@ Recipe:
 3. Bytecode: the standard library and protobuf ship as sourceless ``.pyc`` (standard library with
    docstrings and asserts stripped, ``-OO``); our packages keep their sources next to
    ``__pycache__``. All compiled by Debian's /usr/bin/python3.11 (the guest's version) with
-   ``unchecked-hash`` invalidation, so the guest never stats or hashes sources.
+   ``unchecked-hash`` invalidation, so the guest never stats or hashes sources, and with
+   ``-X no_debug_ranges``: code objects keep their line numbers but not the column ranges that
+   3.11 adds for tracebacks' carets, which makes the image 0.26 MB smaller and what the guest
+   unmarshals at boot smaller. Measured (TCG, interleaved in alternating order, medians): a stub
+   /init's imports of the protobuf runtime and hako_api took 85 ms less (20 boots each), a cold
+   ``hako run --rm IMG true`` 100-142 ms less (10 and 12 pairs). Compiling protobuf ``-OO``
+   too (it is sourceless, so the flag does not need to match the interpreter's) made no
+   difference (20 boots each: 0.66 vs 0.645 s for the imports).
 4. Check that the modules import inside the staged root (chroot as root, otherwise the staged
    interpreter run through the staged ld.so).
 5. Pack: ``initramfs`` (a cpio "newc" archive written by :mod:`._cpio`, with /dev/console,
@@ -39,7 +46,7 @@ from . import _cache, _cpio, _debs, _elf
 from ._progress import Reporter
 from ._run import last_line, need_tool, run
 
-RECIPE = "image-3"
+RECIPE = "image-4"
 PACKAGES = (
     "busybox-static",
     "libc6",
@@ -494,8 +501,8 @@ def _guest_python(command: str, job: dict[str, Any]) -> dict[str, Any]:
     if not Path(python).is_file():
         raise AssetError(f"{python} not found; install Debian's python3.11 (the guest's interpreter version)")
     helper = Path(__file__).with_name("_guestpy.py")
-    proc = subprocess.run(
-        [python, "-I", "-S", str(helper), command],
+    proc = subprocess.run(  # -X no_debug_ranges: no column tables in the bytecode (docstring, 3.)
+        [python, "-I", "-S", "-X", "no_debug_ranges", str(helper), command],
         input=json.dumps(job).encode(),
         capture_output=True,
         check=False,
