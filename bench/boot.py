@@ -10,7 +10,12 @@ sandbox takes (PSS of its QEMU and of its daemon, median over a few sandboxes).
 This machine's speed drifts by a third within the hour, so each round also runs
 ``runsc --platform=ptrace run`` of a bundle with the same busybox rootfs (where
 runsc is installed): its median is the yardstick the figures were taken at (the
-issues' reference speed is runsc at ~146-150 ms).
+issues' reference speed is runsc at ~146-150 ms). runsc spends its time in system
+calls, and follows the speed of emulated guest code only roughly (cold runs of 1.44
+and 2.18 s measured at runsc 149 and 150 ms, within the hour), so under TCG each
+round also boots a stub guest (:func:`stub_boot`): the trimmed kernel and
+bench/image_formats.py's stub /init, which imports the protobuf runtime and powers
+off. It runs the same kind of code a cold start does, and none of hako's.
 
 Runs against a throw-away state and image store (the busybox image is built
 from Debian's busybox-static). Needs root, QEMU and the built guest assets.
@@ -32,8 +37,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for bench.image_formats
 
 from hako import assets
 from hako.hypervisor import choose
@@ -94,6 +101,18 @@ def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(argv[:3])} ... failed ({result.returncode}): {result.stderr.strip()}")
     return wall
+
+
+def stub_boot() -> Callable[[], float]:
+    """A second yardstick, for TCG: a function that boots the stub guest once (the trimmed
+    kernel and bench/image_formats.py's stub /init, built on first use) and returns the
+    seconds from QEMU's start to its exit."""
+    from bench.image_formats import MACHINE, STUB_INIT, boot, qemu_argv
+
+    kernel = assets.kernel("trimmed")
+    image = assets.guest_image("trimmed", build=True, init=STUB_INIT)
+    argv = qemu_argv(kernel, image, MACHINE, kernel.cmdline_for("tcg"))
+    return lambda: boot(argv).host_exit
 
 
 def make_bundle(store: ImageStore, bundle: Path) -> None:
@@ -259,12 +278,16 @@ def main() -> None:
             make_bundle(ImageStore(scratch / "images"), scratch / "bundle")
         results: dict[str, list[dict[str, float]]] = {kernel: [] for kernel in kernels}
         yardstick: list[float] = []
+        stub = stub_boot() if accel.name == "tcg" else None
+        stubs: list[float] = []
         for i in range(args.runs):  # interleaved, so drift in the machine's speed hits all alike
             for kernel in kernels:
                 results[kernel].append(run_once(env, kernel))
             if runsc is not None:
                 argv = [runsc, "--platform=ptrace", "--network=none", "--root", str(scratch / "runsc")]
                 yardstick.append(timed([*argv, "run", "--bundle", str(scratch / "bundle"), f"y{i}"]))
+            if stub is not None:
+                stubs.append(stub())
 
         width = max(len(label) for _, label in PHASES)
         header = "".join(f"{kernel + ' kernel':>18}" for kernel in kernels)
@@ -278,6 +301,9 @@ def main() -> None:
         if yardstick:
             ms = statistics.median(yardstick) * 1000
             print(f"{'the yardstick: runsc --platform=ptrace run':<{width}}{ms:15.0f} ms (same rounds)")
+        if stubs:
+            ms = statistics.median(stubs) * 1000
+            print(f"{'the TCG yardstick: a stub guest boot (stub_boot)':<{width}}{ms:15.0f} ms (same rounds)")
 
         print()
         for kernel in kernels:

@@ -11,6 +11,8 @@ paths alike:
   ``hako run`` records them;
 - ``hako run --rm IMG true``, wall time, for each path;
 - ``runc run`` and ``runsc --platform=ptrace run`` of a bundle with the same rootfs, wall time;
+- under TCG, the boot of a stub guest, the yardstick of the machine's speed for emulated code
+  (bench/boot.py's ``stub_boot``);
 
 then the host memory per idle cloned sandbox (PSS of its QEMU and of its daemon, with
 ``--clones`` of them running at once; the template's pages are shared between them), for
@@ -50,6 +52,7 @@ from bench.boot import (
     make_bundle,
     measure_memory,
     run_once,
+    stub_boot,
     timed,
 )
 from hako.hypervisor import choose
@@ -110,6 +113,8 @@ def main() -> None:
                 [*runsc, "--root", str(runsc_root), "run", "--bundle", str(bundle), f"g{i}"]
             ),
         }
+        stub = stub_boot() if accel.name == "tcg" else None  # the TCG yardstick (bench/boot.py)
+        stubs: list[float] = []
         walls: dict[str, list[float]] = {name: [] for name in ("boot", "restore", "pool", *paths)}
         ready: dict[str, list[float]] = {"boot": [], "restore": [], "pool": []}
         subprocess.run([*hako_command(), "pool", "fill", "1"], env=env, check=True, capture_output=True)
@@ -130,6 +135,8 @@ def main() -> None:
             wait_for_pool(env)  # the refill hako run started: not during the next measurements
             for name, run in paths.items():
                 walls[name].append(run(i))
+            if stub is not None:
+                stubs.append(stub())
         subprocess.run([*hako_command(), "pool", "drain"], env=env, check=True, capture_output=True)
 
         def ms(values: list[float]) -> str:
@@ -149,6 +156,8 @@ def main() -> None:
         row(f"hako, taken from the warm pool ({tag})", ms(ready["pool"]), "pool")
         row("runc run", "", "runc")
         row("runsc --platform=ptrace run", "", "runsc")
+        if stubs:
+            print(f"the TCG yardstick, a stub guest boot (bench/boot.py's stub_boot): {ms(stubs).strip()}")
 
         print(f"\nhost memory per idle cloned sandbox ({args.clones} running, medians):")
         restored = measure_memory(env, args.clones, template="auto")
