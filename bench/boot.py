@@ -222,14 +222,16 @@ def measure_memory(
         if ksm:
             _ksm_settled()
         qemu, daemon, code = [], [], []
-        for directory in (Path(env["HAKO_RUN"]) / "sandboxes").iterdir():
-            state = json.loads((directory / "state.json").read_text())
-            if state.get("name") not in names:
-                continue
+        directories = (Path(env["HAKO_RUN"]) / "sandboxes").iterdir()
+        states = [json.loads((directory / "state.json").read_text()) for directory in directories]
+        states = [state for state in states if state.get("name") in names]
+        for state in states:
             if pool and "pool_take" not in state.get("timing", {}):
                 raise SystemExit(f"{state['name']} was not taken from the pool")
             qemu.append(pss_kib(state["qemu_pid"]) / 1024)
-            daemon.append(pss_kib(state["daemon_pid"]) / 1024)
+            # A pool's sandboxes share one daemon process (its keeper): each holds its share.
+            served = sum(1 for other in states if other["daemon_pid"] == state["daemon_pid"])
+            daemon.append(pss_kib(state["daemon_pid"]) / 1024 / served)
             code.append(translated_code_kib(state["qemu_pid"]) / 1024)
         return Memory(statistics.median(qemu), statistics.median(daemon), statistics.median(code))
     finally:

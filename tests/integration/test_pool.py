@@ -184,6 +184,60 @@ def test_drain_leaves_nothing(pooled: Hako) -> None:
     assert _members(hako) == []
 
 
+def _states(hako: Hako) -> dict[str, dict[str, object]]:
+    """Sandboxes' states by short id."""
+    return {
+        d.name[:12]: json.loads((d / "state.json").read_text())
+        for d in hako.sandbox_dirs()
+        if (d / "state.json").exists()
+    }
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] not in "ZX"
+    except OSError:
+        return False
+
+
+def test_a_fill_serves_its_sandboxes_from_one_keeper(pooled: Hako) -> None:
+    """One daemon process serves every sandbox a fill adds, taken or not; ending one sandbox,
+    or killing its VM, ends only that one; the keeper exits with its last sandbox."""
+    hako = pooled
+    members = hako("pool", "fill", "3", check=True).stdout.split()
+    hako("pool", "fill", "0", check=True)  # (taking one starts no refill)
+    states = _states(hako)
+    [keeper] = {states[m]["daemon_pid"] for m in members}
+    assert isinstance(keeper, int) and all(states[m]["shared_daemon"] for m in members)
+
+    taken = hako("run", "-d", "--name", "kept", BUSYBOX, "sleep", "600", check=True).stdout.strip()[:12]
+    assert taken in members and _states(hako)[taken]["daemon_pid"] == keeper
+    assert hako("exec", "kept", "cat", "/proc/1/cmdline", check=True).stdout.startswith("sleep")
+    hako("stop", "kept", check=True)  # through its API: the keeper is not signalled
+    assert "Exited (137)" in hako("ps", "-a", check=True).stdout
+    assert _process_runs(keeper) and len(_ready(hako)) == 2
+
+    # A pooled sandbox whose VM dies is dead; the others go on.
+    dying, surviving = (m for m in members if m != taken)
+    [dying_dir] = [d for d in hako.sandbox_dirs() if d.name.startswith(dying)]
+    [qemu] = qemu_pids_under(dying_dir)
+    os.kill(qemu, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while dying in _ready(hako) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _ready(hako) == [surviving] and _process_runs(keeper)
+    out = hako("run", "--rm", BUSYBOX, "hostname", check=True).stdout.strip()
+    assert out == surviving  # taken, run, finished: its daemon's last sandbox
+
+    hako("rm", "kept", check=True)
+    hako("pool", "drain", check=True)  # (the dead member)
+    deadline = time.monotonic() + 20
+    while _process_runs(keeper) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _process_runs(keeper)
+    assert hako.sandbox_dirs() == [] and qemu_pids_under(hako.run_root) == []
+
+
 def test_bad_pool_size(hako: Hako) -> None:
     result = hako("pool", "fill", "-1")
     assert result.returncode == 125 and "0 or more" in result.stderr

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 
-from hako.cli.stats import Reading, _pss, cpu_percent, human, row
+import pytest
+
+from hako.cli import stats
+from hako.cli.stats import Reading, _pss, cpu_percent, human, row, vm_pss
 from hako.runtime.state import SandboxState
 
 
@@ -36,7 +39,23 @@ def test_a_row() -> None:
 
 
 def test_pss_of_processes_and_of_one_gone() -> None:
-    own, with_parent = _pss(os.getpid()), _pss(os.getpid(), os.getppid())
-    assert own is not None and with_parent is not None and with_parent > own > 0
-    assert _pss(os.getpid(), None) is None
+    own = _pss(os.getpid())
+    assert own is not None and own > 0
+    assert _pss(None) is None
     assert _pss(2**22 + 1) is None  # no such process
+
+
+def test_a_sandbox_holds_its_qemu_and_its_share_of_a_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
+    # This process stands for the QEMU, its parent for the daemon.
+    state = SandboxState("ab" * 32, "web", "img", ["sh"], 0.0, "trimmed", "tcg", "", 256, 1)
+    state.qemu_pid, state.daemon_pid = os.getpid(), os.getppid()
+    own, daemon = _pss(os.getpid()), _pss(os.getppid())
+    assert own is not None and daemon is not None and daemon > 0
+    whole = vm_pss(state)
+    assert whole is not None and abs(whole - (own + daemon)) < daemon // 8
+    state.shared_daemon = True  # a pool's keeper, serving four
+    monkeypatch.setattr(stats, "served_by", lambda pid: 4 if pid == os.getppid() else 1)
+    shared = vm_pss(state)
+    assert shared is not None and abs(shared - (own + daemon // 4)) < daemon // 8
+    state.daemon_pid = 2**22 + 1
+    assert vm_pss(state) is None

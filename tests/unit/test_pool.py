@@ -109,8 +109,9 @@ def test_no_refill_unless_short(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_fill_preloads_the_daemon_once_before_its_first_fork(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The daemons one fill forks share what they import: it is imported in the filler, once,
-    before the first fork; a fill that forks nothing preloads nothing."""
+    """What a fill's daemons run on is imported in the filler, once, before it forks (one keeper
+    for `hako run`'s pools, a daemon each for a pool of `none`, whose daemons become pods'
+    shims); the template is made before the fork too. A fill that forks nothing does neither."""
     import argparse
 
     from hako.cli import pool as pool_cli
@@ -118,20 +119,32 @@ def test_fill_preloads_the_daemon_once_before_its_first_fork(monkeypatch: pytest
 
     events: list[str] = []
     monkeypatch.setattr(pool_cli, "require_root", lambda command: None)
-    monkeypatch.setattr(launch, "preload_daemon", lambda shim=False: events.append("preload"))
+    monkeypatch.setattr(launch, "preload_daemon", lambda shim=False: events.append(f"preload shim={shim}"))
+    monkeypatch.setattr(pool_cli, "_template", lambda shape: events.append("template"))
+
+    def fill_kept(shape: pool.Shape) -> None:
+        events.append("keeper")
+        for _ in range(pool_cli._short(shape)):
+            pooled_state()
 
     def add_one(shape: pool.Shape) -> SandboxState:
         events.append("fork")
-        return pooled_state()
+        return pooled_state(network=shape.network)
 
+    monkeypatch.setattr(pool_cli, "_fill_kept", fill_kept)
     monkeypatch.setattr(pool_cli, "_add_one", add_one)
     args = argparse.Namespace(size=2, shape=STANDARD.key, refill=False, memory=None, cpus=None)
     assert pool_cli.fill(args) == 0
-    assert events == ["preload", "fork", "fork"]
+    assert events == ["preload shim=False", "template", "keeper"]
+    assert len(pool.members()) == 2
 
     events.clear()
     assert pool_cli.fill(args) == 0  # full: nothing to fork
     assert events == []
+
+    args.shape = pool.Shape("trimmed", 256, 1, pool.SHIM_NETWORK).key
+    assert pool_cli.fill(args) == 0
+    assert events == ["preload shim=True", "template", "fork", "fork"]
 
 
 def test_preload_daemon_imports_what_the_daemon_runs_on() -> None:

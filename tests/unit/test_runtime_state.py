@@ -19,9 +19,11 @@ from hako.runtime.state import (
     age,
     all_states,
     find,
+    hold_live_lock,
     new_id,
     process_start_ticks,
     reserve,
+    served_by,
     using,
 )
 
@@ -95,6 +97,37 @@ def test_a_vanished_daemon_makes_a_running_sandbox_dead() -> None:
     assert reused.effective_status() == Status.DEAD  # same pid, another process: not ours
     exited = _state("exited", status=Status.EXITED, exit_status=3)
     assert exited.effective_status() == Status.EXITED
+
+
+def test_a_sandbox_of_a_shared_daemon_is_served_while_its_lock_is_held() -> None:
+    """A pool's keeper outlives each sandbox it serves: its process running is not enough."""
+    me = {"daemon_pid": os.getpid(), "daemon_start_ticks": process_start_ticks(os.getpid())}
+    served = _state("served", status=Status.RUNNING, shared_daemon=True, **me)
+    done = _state("done", status=Status.RUNNING, shared_daemon=True, **me)
+    own = _state(
+        "own",
+        status=Status.RUNNING,
+        daemon_pid=os.getppid(),
+        daemon_start_ticks=process_start_ticks(os.getppid()),
+    )
+    for state in (served, done, own):
+        reserve(state)
+    live = hold_live_lock(served.dir)
+    try:
+        # (a lock of the open file: this process checking it does not take or release it)
+        assert served.daemon_alive() and served.daemon_alive()
+        assert served.effective_status() == Status.RUNNING
+        assert not done.daemon_alive() and done.effective_status() == Status.DEAD
+        with pytest.raises(BlockingIOError):
+            hold_live_lock(served.dir)  # one daemon serves it
+        assert served_by(os.getpid()) == 1 and served_by(os.getppid()) == 1
+        done_live = hold_live_lock(done.dir)
+        assert served_by(os.getpid()) == 2
+        os.close(done_live)
+    finally:
+        os.close(live)
+    assert not served.daemon_alive()
+    assert served_by(os.getpid()) == 1  # (never 0: a daemon serving none is counted as one)
 
 
 def test_age_reads_like_docker() -> None:

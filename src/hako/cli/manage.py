@@ -23,7 +23,7 @@ from hako.oci.spec import merge_env, stop_signal
 from hako.oci.users import resolve_user
 from hako.runtime.client import connect, set_paused
 from hako.runtime.output import STDERR, read_log
-from hako.runtime.state import SandboxState, Status, age, all_states, find, remove_dead
+from hako.runtime.state import SandboxState, Status, age, all_states, find, kill_vm, remove_dead
 
 
 def add_parsers(commands: Any) -> None:
@@ -376,7 +376,14 @@ def _wait_gone(state: SandboxState, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while state.daemon_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
-    if state.daemon_alive() and state.daemon_pid:
+    if state.daemon_alive() and state.shared_daemon:
+        # A pool's keeper serves other sandboxes too: only this one's VM is killed, and the
+        # keeper then finishes with it (as when a VM dies).
+        kill_vm(state)
+        deadline = time.monotonic() + timeout
+        while state.daemon_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    elif state.daemon_alive() and state.daemon_pid:
         # Its QEMU goes with it (the kernel kills a VM whose runtime process dies).
         with contextlib.suppress(ProcessLookupError):
             os.kill(state.daemon_pid, signal.SIGKILL)

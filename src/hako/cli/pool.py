@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from hako import assets
@@ -20,8 +21,8 @@ from hako.cli.common import accelerator, print_table, require_root
 from hako.cli.options import parse_cpus, parse_memory
 from hako.cli.run import vm_size
 from hako.errors import HakoError, TemplateError, UsageError
-from hako.hypervisor import find_qemu
-from hako.runtime import pool, templates
+from hako.hypervisor import Accelerator, find_qemu
+from hako.runtime import paths, pool, templates
 from hako.runtime.config import SandboxConfig
 from hako.runtime.state import SandboxState, Status, age, all_states, new_id, remove_dead, reserve
 
@@ -68,18 +69,24 @@ def fill(args: argparse.Namespace) -> int:
     with pool.locked():
         for state in pool.stale():
             remove_sandbox(state, force=True)
-        preloaded = False
-        while True:
-            have = [s for s in pool.members() if pool.Shape.of(s) == shape]
-            if len(have) >= pool.wanted(shape):  # drained meanwhile: wanted is 0
-                break
-            if not preloaded:
-                # the daemons this fill forks share what they import
-                preload_daemon(shim=shape.network == pool.SHIM_NETWORK)
-                preloaded = True
-            state = _add_one(shape)
-            print(state.short_id)
+        if _short(shape) == 0:  # (drained meanwhile: wanted is 0)
+            return 0
+        # The daemons this fill starts share what is imported now (a keeper, or forked daemons).
+        preload_daemon(shim=shape.network == pool.SHIM_NETWORK)
+        _template(shape)  # made now if missing, before the fork
+        if shape.network == pool.SHIM_NETWORK:
+            # A pod's sandbox: a daemon each, which becomes the pod's shim (hako.shim.pooled).
+            while _short(shape) > 0:
+                print(_add_one(shape).short_id)
+        else:
+            _fill_kept(shape)
     return 0
+
+
+def _short(shape: pool.Shape) -> int:
+    """How many sandboxes of ``shape`` the pool lacks."""
+    have = [s for s in pool.members() if pool.Shape.of(s) == shape]
+    return max(0, pool.wanted(shape) - len(have))
 
 
 def _shape(args: argparse.Namespace) -> pool.Shape:
@@ -93,9 +100,56 @@ def _shape(args: argparse.Namespace) -> pool.Shape:
     return pool.Shape(args.kernel, *vm_size(memory, cpus), args.network)
 
 
-def _add_one(shape: pool.Shape) -> SandboxState:
-    from hako.runtime.launch import fork_sandbox
+def _fill_kept(shape: pool.Shape) -> None:
+    """Add what the pool lacks, all served by one keeper (:mod:`hako.runtime.keeper`)."""
+    from hako.runtime.keeper import fork_keeper
 
+    def next_sandbox() -> tuple[SandboxState, SandboxConfig] | None:  # (run by the keeper)
+        return _new_sandbox(shape) if _short(shape) > 0 else None
+
+    pid, messages = fork_keeper(next_sandbox, shape.network)
+    try:
+        while True:
+            message = messages.next()
+            if message is None:
+                raise HakoError("the pool's keeper went away")
+            if "pooled" in message:
+                print(str(message["pooled"])[:12])
+            elif "error" in message:
+                error = HakoError(str(message["error"]))
+                error.exit_code = int(message.get("exit_code", 125))
+                raise error
+            elif "done" in message:
+                return
+    finally:  # (an interrupted fill: the keeper adds no more once it cannot tell us)
+        messages.close()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+
+
+def _template(shape: pool.Shape) -> None:
+    sandbox_id = new_id()
+    config = _config(shape, sandbox_id, paths.sandbox_dir(sandbox_id), accelerator("auto"))
+    if templates.for_sandbox(config, "auto", warn=_warn).template is None:
+        raise TemplateError("the pool holds VMs restored from a template, and there is none")
+
+
+def _config(shape: pool.Shape, sandbox_id: str, run_dir: Path, accel: Accelerator) -> SandboxConfig:
+    return SandboxConfig(
+        sandbox_id=sandbox_id,
+        hostname=sandbox_id[:12],
+        kernel=assets.kernel(shape.kernel),
+        image=assets.guest_image(shape.kernel),
+        memory_mib=shape.memory_mib,
+        vcpus=shape.vcpus,
+        accel=accel,
+        run_dir=run_dir,
+    )
+
+
+def _new_sandbox(shape: pool.Shape) -> tuple[SandboxState, SandboxConfig]:
+    """A sandbox of ``shape`` to pool: its state reserved, its configuration restoring it from
+    the shape's template."""
     accel = accelerator("auto")
     sandbox_id = new_id()
     state = SandboxState(
@@ -110,22 +164,20 @@ def _add_one(shape: pool.Shape) -> SandboxState:
         memory_mib=shape.memory_mib,
         vcpus=shape.vcpus,
     )
-    config = SandboxConfig(
-        sandbox_id=sandbox_id,
-        hostname=sandbox_id[:12],
-        kernel=assets.kernel(shape.kernel),
-        image=assets.guest_image(shape.kernel),
-        memory_mib=shape.memory_mib,
-        vcpus=shape.vcpus,
-        accel=accel,
-        run_dir=state.dir,
-    )
     find_qemu()
-    config = templates.for_sandbox(config, "auto", warn=_warn)  # made now if missing
+    config = templates.for_sandbox(_config(shape, sandbox_id, state.dir, accel), "auto", warn=_warn)
     if config.template is None:
         raise TemplateError("the pool holds VMs restored from a template, and there is none")
     state.template = config.template.name
     reserve(state)
+    return state, config
+
+
+def _add_one(shape: pool.Shape) -> SandboxState:
+    """One sandbox of ``shape`` in the pool, with a daemon of its own."""
+    from hako.runtime.launch import fork_sandbox
+
+    state, config = _new_sandbox(shape)
     pid, notify = fork_sandbox(state, config, pooled=True, network=shape.network)
     try:
         deadline = time.monotonic() + READY_TIMEOUT

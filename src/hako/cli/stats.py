@@ -19,7 +19,7 @@ from typing import Any
 from hako.cli.common import print_table, require_root
 from hako.errors import HakoError
 from hako.runtime.client import connect
-from hako.runtime.state import SandboxState, Status, all_states, find
+from hako.runtime.state import SandboxState, Status, all_states, find, served_by
 
 INTERVAL = 1.0  # seconds between two readings (CPU % is their difference)
 CLEAR = "\x1b[2J\x1b[H"
@@ -54,22 +54,29 @@ def read(state: SandboxState) -> Reading:
         memory=response.memory.usage_bytes,
         memory_limit=response.memory.limit_bytes or state.memory_mib << 20,
         pids=response.pids.current,
-        vm_pss=_pss(state.qemu_pid, state.daemon_pid),
+        vm_pss=vm_pss(state),
     )
 
 
-def _pss(*pids: int | None) -> int | None:
-    total = 0
-    for pid in pids:
-        if pid is None:
-            return None
-        try:
-            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-        except OSError:
-            return None
-        pss = (int(line.split()[1]) << 10 for line in rollup.splitlines() if line.startswith("Pss:"))
-        total += next(pss, 0)
-    return total
+def vm_pss(state: SandboxState) -> int | None:
+    """Bytes of host memory the sandbox holds: its QEMU's PSS and its daemon's (the sandbox's
+    share of it, where a pool's keeper serves several)."""
+    qemu, daemon = _pss(state.qemu_pid), _pss(state.daemon_pid)
+    if qemu is None or daemon is None:
+        return None
+    if state.shared_daemon and state.daemon_pid:
+        daemon //= served_by(state.daemon_pid)
+    return qemu + daemon
+
+
+def _pss(pid: int | None) -> int | None:
+    if pid is None:
+        return None
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) << 10 for line in rollup.splitlines() if line.startswith("Pss:")), 0)
 
 
 def cpu_percent(before: Reading, after: Reading) -> float:

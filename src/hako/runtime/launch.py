@@ -19,11 +19,14 @@ import signal
 import time
 import traceback
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hako.errors import HakoError
 from hako.runtime.config import SandboxConfig
 from hako.runtime.state import SandboxState
+
+if TYPE_CHECKING:
+    from hako.runtime.sandboxd import SandboxDaemon
 
 
 class Notifications:
@@ -94,8 +97,8 @@ def fork_sandbox(
     # by a `hako run` that takes a pooled VM): in the forked child every page an import writes
     # is first copied, which made these imports take twice as long there. Measured: the daemon's
     # start-up to the QEMU launch fell from 26-32 ms to 7.5 ms (medians of 12-16 runs).
-    from hako.hypervisor.qemu import QemuVM
-    from hako.network.sandbox import SandboxNetwork
+    from hako.hypervisor.qemu import QemuVM  # noqa: F401
+    from hako.network.sandbox import SandboxNetwork  # noqa: F401
     from hako.runtime import mounts  # ctypes
 
     read_fd, write_fd = os.pipe()
@@ -107,24 +110,9 @@ def fork_sandbox(
     forked = time.monotonic()
     try:
         os.close(read_fd)
-        _detach(config)
+        _detach(config.run_dir / "daemon.log")
         mounts.private_namespace()
-        config.prepare_host()
-        sandbox_network = SandboxNetwork.create(state.id, network)
-        try:
-            config = config.in_network(sandbox_network)
-            vm = QemuVM(config.vm_config())
-            vm.start()
-        except HakoError as exc:
-            sandbox_network.close()
-            notify(write_fd, {"error": str(exc), "exit_code": exc.exit_code})
-            raise
-        notify(write_fd, {"launched": True})
-        # Only now the heavy part (protobuf, ttRPC, the runtime), while the guest boots.
-        from hako.runtime.sandboxd import SandboxDaemon
-
-        daemon = SandboxDaemon(state, config, vm, pooled=pooled, network=sandbox_network)
-        daemon.sandbox.timing["daemon_launch"] = (vm.launched_at or forked) - forked
+        daemon = start_daemon(state, config, write_fd, pooled=pooled, network=network, since=forked)
         code = daemon.run(write_fd)
     except BaseException as exc:
         with contextlib.suppress(Exception):
@@ -135,13 +123,48 @@ def fork_sandbox(
         os._exit(code)
 
 
-def _detach(config: SandboxConfig) -> None:
-    """Its own session, no terminal, output to its log."""
+def start_daemon(
+    state: SandboxState,
+    config: SandboxConfig,
+    notify_fd: int,
+    *,
+    pooled: bool = False,
+    network: str = "bridge",
+    since: float | None = None,
+) -> SandboxDaemon:
+    """In the process that is to serve the sandbox (its own daemon, or a pool's keeper): its
+    network, then QEMU, then the daemon that owns them, ready to :meth:`~SandboxDaemon.run`.
+    A failure is reported on ``notify_fd`` too, and leaves nothing behind."""
+    from hako.hypervisor.qemu import QemuVM
+    from hako.network.sandbox import SandboxNetwork
+
+    since = time.monotonic() if since is None else since
+    config.prepare_host()
+    sandbox_network = SandboxNetwork.create(state.id, network)
+    try:
+        config = config.in_network(sandbox_network)
+        vm = QemuVM(config.vm_config())
+        vm.start()
+    except HakoError as exc:
+        sandbox_network.close()
+        notify(notify_fd, {"error": str(exc), "exit_code": exc.exit_code})
+        raise
+    notify(notify_fd, {"launched": True})
+    # Only now the heavy part (protobuf, ttRPC, the runtime), while the guest boots.
+    from hako.runtime.sandboxd import SandboxDaemon
+
+    daemon = SandboxDaemon(state, config, vm, pooled=pooled, network=sandbox_network)
+    daemon.sandbox.timing["daemon_launch"] = (vm.launched_at or since) - since
+    return daemon
+
+
+def _detach(log_path: str | os.PathLike[str]) -> None:
+    """Its own session, no terminal, output to ``log_path``."""
     os.setsid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     devnull = os.open(os.devnull, os.O_RDWR)
-    log = os.open(config.run_dir / "daemon.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(devnull, 0)
     os.dup2(log, 1)
     os.dup2(log, 2)

@@ -55,7 +55,7 @@ from hako.runtime.paths import ADOPT_SOCKET, API_SOCKET
 from hako.runtime.pool import CLAIMED_MARK, POOLED_MARK, SHIM_NETWORK
 from hako.runtime.sandbox import Sandbox
 from hako.runtime.sockets import listen_unix
-from hako.runtime.state import STATE_FILE, SandboxState, Status, process_start_ticks
+from hako.runtime.state import STATE_FILE, SandboxState, Status, hold_live_lock, process_start_ticks
 from hako_api import agent_pb2 as pb
 from hako_api import daemon_pb2 as daemon_pb
 from hako_ttrpc import CallContext, Server, TtrpcError, codes
@@ -360,10 +360,7 @@ class SandboxDaemon:
         # A handler runs on the main thread between two of its bytecodes, which may be inside a
         # lock that thread holds (an Event's, in its main loop): stopping takes such locks, so
         # it is done on a thread of its own.
-        stop = threading.Thread(
-            target=self.DestroySandbox, args=(pb.DestroySandboxRequest(), None), daemon=True, name="sigterm"
-        )
-        stop.start()
+        self.stop_soon()
 
     def _check_main(self, container_id: str) -> None:
         if container_id != self.container_id:
@@ -450,6 +447,18 @@ class SandboxDaemon:
 
     # -- main ----------------------------------------------------------------------------------
     def run(self, notify_fd: int) -> int:
+        """Serve the sandbox until it is done; the process's exit code. In a process of its own,
+        on its main thread; in a pool's keeper (:mod:`hako.runtime.keeper`), on a thread of its
+        own, the keeper handling signals."""
+        live = hold_live_lock(self.run_dir) if self.state.shared_daemon else None
+        try:
+            return self._run(notify_fd)
+        finally:
+            if live is not None:
+                os.close(live)
+
+    def _run(self, notify_fd: int) -> int:
+        on_main = threading.current_thread() is threading.main_thread()
         self.notify_fd = notify_fd
         listener = listen_unix(self.run_dir / API_SOCKET)
         self.state.daemon_pid = os.getpid()
@@ -464,7 +473,8 @@ class SandboxDaemon:
         self.sandbox.vm.on_exit(self.wake.set)
         threading.Thread(target=self._boot, daemon=True, name="boot").start()
         threading.Thread(target=self.server.serve_listener, args=(listener,), daemon=True).start()
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        if on_main:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
         if self.pooled and network is not None and network.mode == SHIM_NETWORK:
             adopt = listen_unix(self.run_dir / ADOPT_SOCKET)
             threading.Thread(target=self._await_adoption, args=(adopt,), daemon=True, name="adopt").start()
@@ -472,8 +482,8 @@ class SandboxDaemon:
         self._main_loop()
         if self.adoption is not None:
             return self._become_shim(*self.adoption)
-        # Stopping already: a SIGTERM now (the CLI giving up on us) has nothing left to ask for.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if on_main:  # stopping already: a SIGTERM now (the CLI giving up on us) has nothing to ask
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         self.server.shutdown()
         self.sandbox.stop(discard=self._discard)
         self.state.timing = dict(self.sandbox.timing)
@@ -487,6 +497,12 @@ class SandboxDaemon:
             shutil.rmtree(self.run_dir, ignore_errors=True)  # --rm, or nothing was ever created
         notify(self.notify_fd, {"final": final})
         return 0
+
+    def stop_soon(self) -> None:
+        """Stop the sandbox, from a thread of its own (a signal handler's way to ask)."""
+        threading.Thread(
+            target=self.DestroySandbox, args=(pb.DestroySandboxRequest(), None), daemon=True, name="stop"
+        ).start()
 
     @property
     def _discard(self) -> bool:
@@ -604,6 +620,10 @@ class SandboxDaemon:
                 idle_since = time.monotonic()
             elif self.pooled and not self.claimed.is_set():
                 idle_since = time.monotonic()  # waiting in the pool is what it is for
+                if self.sandbox.dead.is_set() and self.ready.is_set():
+                    # Its VM died waiting: it leaves the pool (nobody would take it).
+                    self.log(f"the VM died in the pool: {self.sandbox.death_reason}")
+                    self._finish(125, error=self.sandbox.death_reason or "the VM died")
             elif not self.started.is_set() and time.monotonic() - idle_since > IDLE_TIMEOUT:
                 self.log("nobody created or started the container: giving up")
                 self._finish(0, error="never started", stopped=True)

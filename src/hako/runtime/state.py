@@ -27,6 +27,9 @@ from hako.runtime import paths
 
 STATE_FILE = "state.json"
 SPEC_FILE = "config.json"  # the OCI spec its container runs (host paths), once `hako run` wrote it
+# Held (flock) by the daemon serving the sandbox, in a daemon that serves several (a pool's
+# keeper: hako.runtime.keeper), where the process outlives each of its sandboxes.
+LIVE_LOCK = "daemon.lock"
 
 
 class Status(str, Enum):
@@ -60,6 +63,7 @@ class SandboxState:
     error: str | None = None
     daemon_pid: int | None = None
     daemon_start_ticks: int | None = None
+    shared_daemon: bool = False  # its daemon serves other sandboxes too (a pool's keeper)
     qemu_pid: int | None = None
     guest_kernel_release: str | None = None
     template: str | None = None  # the key of the VM template it was restored from
@@ -97,7 +101,11 @@ class SandboxState:
         return spec
 
     def daemon_alive(self) -> bool:
-        return self.daemon_pid is not None and process_start_ticks(self.daemon_pid) == self.daemon_start_ticks
+        """Whether a daemon serves the sandbox: its process runs, and, in a daemon that serves
+        several, still serves this one (holds its :data:`LIVE_LOCK`)."""
+        if self.daemon_pid is None or process_start_ticks(self.daemon_pid) != self.daemon_start_ticks:
+            return False
+        return not self.shared_daemon or live_lock_held(self.dir)
 
     def effective_status(self) -> Status:
         """The recorded status, corrected to DEAD if the daemon vanished without saying so."""
@@ -118,6 +126,37 @@ def process_start_ticks(pid: int) -> int | None:
     if fields[0] in ("Z", "X"):
         return None  # a zombie has ended: it is only waiting to be reaped
     return int(fields[19])
+
+
+def served_by(daemon_pid: int) -> int:
+    """How many sandboxes the daemon ``daemon_pid`` serves (a pool's keeper serves several)."""
+    return sum(1 for state in all_states() if state.daemon_pid == daemon_pid and state.daemon_alive()) or 1
+
+
+def hold_live_lock(directory: Path) -> int:
+    """Take the sandbox's :data:`LIVE_LOCK` for the daemon serving it; the descriptor to close
+    when it stops serving (a lock of the open file, so no other thread or check releases it)."""
+    fd = os.open(directory / LIVE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def live_lock_held(directory: Path) -> bool:
+    try:
+        fd = os.open(directory / LIVE_LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (releases the shared lock, if it was taken)
+    return False
 
 
 def new_id() -> str:
@@ -250,12 +289,16 @@ def now() -> float:
 
 
 def remove_dead(state: SandboxState) -> None:
-    """Clean up after a sandbox whose daemon is gone: kill its QEMU if it survived, drop the state.
+    """Clean up after a sandbox whose daemon is gone: kill its QEMU if it survived, drop the state."""
+    if not state.daemon_alive():
+        kill_vm(state)
+    shutil.rmtree(state.dir, ignore_errors=True)
 
-    The QEMU is recognised by its ``-name hako-<id>`` so that a reused pid is never killed.
-    """
-    if state.qemu_pid and not state.daemon_alive():
+
+def kill_vm(state: SandboxState) -> None:
+    """Kill the sandbox's QEMU, recognised by its ``-name hako-<id>`` (a reused pid is never
+    killed)."""
+    if state.qemu_pid:
         with contextlib.suppress(OSError):
             if f"hako-{state.short_id}".encode() in Path(f"/proc/{state.qemu_pid}/cmdline").read_bytes():
                 os.kill(state.qemu_pid, signal.SIGKILL)
-    shutil.rmtree(state.dir, ignore_errors=True)

@@ -1,0 +1,209 @@
+"""A pool's keeper: one daemon process that serves every sandbox one ``hako pool fill`` adds.
+
+A sandbox of ``hako run`` has a daemon process of its own (:mod:`hako.runtime.launch`). The
+sandboxes of a warm pool (:mod:`hako.runtime.pool`) share one instead, forked by the fill: a
+Python process's memory is mostly its interpreter's and its imports', and an idle daemon
+holds ~8 MiB of its own even when forked from a parent that imported everything (each object
+it touches is copied, for its reference count). One keeper serves each of its sandboxes as
+its own daemon would (a :class:`~hako.runtime.sandboxd.SandboxDaemon` on threads of its own,
+in one private mount namespace), goes on serving those taken from the pool, and exits once
+the last of them has finished. Each sandbox's state names the keeper as its daemon, with
+``shared_daemon`` set: such a sandbox is served while the keeper holds its ``daemon.lock``,
+and is stopped through its API (never by signalling the keeper, which would stop them all).
+
+What sharing costs: the sandboxes of one fill share a process's fate (a crash of the keeper
+ends them all, their VMs with it) and its interpreter lock. A sandbox for a containerd pod
+(a pool of network ``none``) is not kept this way: its daemon becomes the pod's shim
+(:mod:`hako.shim.pooled`), one process per pod as containerd expects.
+
+The keeper tells the filler, one JSON object per line on a pipe:
+
+    {"pooled": "<id>"}                              a sandbox is in the pool
+    {"error": "...", "exit_code": N}                adding one failed; no more are added
+    {"done": true}                                  no more are added
+
+and adds no more once the filler is gone (the pipe is closed: an interrupted fill).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from hako.errors import HakoError
+from hako.runtime import mounts
+from hako.runtime.config import SandboxConfig
+from hako.runtime.launch import Notifications, start_daemon
+from hako.runtime.state import SandboxState, remove_dead
+
+if TYPE_CHECKING:
+    from hako.runtime.sandboxd import SandboxDaemon
+
+READY_TIMEOUT = 180.0  # seconds for one sandbox to be restored, set up, warmed up and paused
+JOIN_POLL = 1.0
+
+# The next sandbox to add (made and reserved, in the keeper), or None once the pool is full.
+NextSandbox = Callable[[], "tuple[SandboxState, SandboxConfig] | None"]
+
+
+def fork_keeper(next_sandbox: NextSandbox, network: str) -> tuple[int, Notifications]:
+    """Fork a keeper that adds sandboxes on a ``network`` of that mode while ``next_sandbox``
+    gives one; its pid and its messages. The caller has no threads."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        return pid, Notifications(read_fd)
+    code = 125
+    try:
+        os.close(read_fd)
+        _detach()
+        mounts.private_namespace()
+        code = Keeper(network).run(next_sandbox, write_fd)
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            message = str(exc) if isinstance(exc, HakoError) else f"internal error: {exc!r}"
+            _tell(write_fd, {"error": message, "exit_code": 125})
+    finally:
+        os._exit(code)
+
+
+class Keeper:
+    def __init__(self, network: str) -> None:
+        self.network = network
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._serving: dict[str, tuple[SandboxDaemon, threading.Thread]] = {}
+
+    def run(self, next_sandbox: NextSandbox, filler: int) -> int:
+        """Add sandboxes, then serve them all until the last has finished; the exit code."""
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            self._fill(next_sandbox, filler)
+        finally:
+            _tell(filler, {"done": True})
+            os.close(filler)
+        while True:
+            with self._lock:
+                threads = [thread for _, thread in self._serving.values()]
+            if not threads:
+                return 0
+            for thread in threads:
+                thread.join(JOIN_POLL)  # (the main thread: signals are handled between joins)
+
+    def _fill(self, next_sandbox: NextSandbox, filler: int) -> None:
+        while not self.stopping.is_set():
+            try:
+                made = next_sandbox()
+            except HakoError as exc:
+                _tell(filler, {"error": str(exc), "exit_code": exc.exit_code})
+                return
+            if made is None:
+                return
+            state, config = made
+            try:
+                self._add(state, config)
+            except HakoError as exc:
+                error = f"a pooled sandbox failed to start: {exc}"
+                _tell(filler, {"error": error, "exit_code": exc.exit_code})
+                return
+            if not _tell(filler, {"pooled": state.id}):
+                return  # the fill was interrupted: add no more
+
+    def _add(self, state: SandboxState, config: SandboxConfig) -> None:
+        """Start serving one sandbox and wait until it waits in the pool; HakoError if it will
+        not, and then nothing of it is left."""
+        state.shared_daemon = True
+        state.save()
+        read_fd, write_fd = os.pipe()
+        messages = Notifications(read_fd)
+        try:
+            try:
+                daemon = start_daemon(state, config, write_fd, pooled=True, network=self.network)
+            except BaseException:
+                os.close(write_fd)
+                remove_dead(state)
+                raise
+            thread = threading.Thread(
+                target=self._serve, args=(daemon, write_fd), daemon=True, name=f"sandbox-{state.short_id}"
+            )
+            with self._lock:
+                self._serving[state.id] = (daemon, thread)
+            thread.start()
+            reason = _wait_pooled(messages, time.monotonic() + READY_TIMEOUT)
+        finally:
+            messages.close()
+        if reason is None:
+            return
+        daemon.stop_soon()
+        thread.join(30)
+        remove_dead(state)
+        raise HakoError(reason)
+
+    def _serve(self, daemon: SandboxDaemon, notify_fd: int) -> None:
+        try:
+            daemon.run(notify_fd)
+        except BaseException:
+            # Whatever broke, the VM must not outlive its daemon's interest in it: its state
+            # then says dead (nobody holds its lock), and `hako rm` removes it.
+            with contextlib.suppress(Exception):
+                daemon.log(f"the keeper's thread for this sandbox failed:\n{traceback.format_exc()}")
+            with contextlib.suppress(Exception):
+                daemon.sandbox.vm.kill()
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(daemon.notify_fd)  # the filler's pipe, or a claimant's FIFO
+            with self._lock:
+                self._serving.pop(daemon.state.id, None)
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        """Stop adding, and stop every sandbox served here (each from a thread of its own)."""
+        self.stopping.set()
+        with self._lock:
+            daemons = [daemon for daemon, _ in self._serving.values()]
+        for daemon in daemons:
+            daemon.stop_soon()
+
+
+def _wait_pooled(messages: Notifications, deadline: float) -> str | None:
+    """None once the sandbox waits in the pool; else why it will not."""
+    while True:
+        try:
+            message = messages.next(timeout=max(0.0, deadline - time.monotonic()))
+        except ValueError:
+            return "its daemon sent a malformed message"
+        if message is None:
+            return "it did not become ready" if time.monotonic() >= deadline else "its daemon ended"
+        if "pooled" in message:
+            return None
+        if "error" in message:
+            return str(message["error"])
+        if "final" in message:
+            return str((message["final"] or {}).get("error") or "its daemon ended")
+
+
+def _tell(fd: int, message: dict[str, Any]) -> bool:
+    """Whether the filler got ``message`` (False once it is gone)."""
+    try:
+        os.write(fd, json.dumps(message).encode() + b"\n")
+    except OSError:
+        return False
+    return True
+
+
+def _detach() -> None:
+    """Its own session, no terminal; its sandboxes log to their own logs."""
+    os.setsid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
