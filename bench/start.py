@@ -16,8 +16,9 @@ paths alike:
 
 then the host memory per idle cloned sandbox (PSS of its QEMU and of its daemon, with
 ``--clones`` of them running at once; the template's pages are shared between them), for
-clones that ``hako run -d`` restored and for clones it took from a warm pool (whose daemons,
-forked by one ``hako pool fill``, share their Python heap), and those again with the host's KSM
+clones that ``hako run -d`` restored (a daemon each) and for clones it took from a warm pool
+(one daemon process serves them all, the pool's keeper: each is counted its share of it), and
+those again with the host's KSM
 on (turned on for the measurement and restored after: it merges the identical pages that
 clones write, which they offer as clones sharing the template's pages do; see
 :mod:`hako.hypervisor.ksm`). QEMU's figure names the part that is TCG's translated code, which

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
+from hako.errors import HakoError
 from hako.runtime import paths, pool
+from hako.runtime.launch import Notifications
 from hako.runtime.state import SandboxState
 from tests.unit.pool_states import pooled_state
 
@@ -108,43 +114,92 @@ def test_no_refill_unless_short(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(started) == 1 and started[0][-4:] == ["fill", "--refill", "--shape", "trimmed/256M/1"]
 
 
-def test_fill_preloads_the_daemon_once_before_its_first_fork(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What a fill's daemons run on is imported in the filler, once, before it forks (one keeper
-    for `hako run`'s pools, a daemon each for a pool of `none`, whose daemons become pods'
-    shims); the template is made before the fork too. A fill that forks nothing does neither."""
-    import argparse
+def _said(*messages: Mapping[str, object]) -> Notifications:
+    """A keeper's messages, as a fill reads them."""
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, b"".join(json.dumps(message).encode() + b"\n" for message in messages))
+    os.close(write_fd)
+    return Notifications(read_fd)
 
+
+@pytest.fixture
+def fill_events(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What a fill does (preload, make the template, ask a keeper, fork), with stand-ins."""
     from hako.cli import pool as pool_cli
-    from hako.runtime import launch
+    from hako.runtime import keeper, launch
 
     events: list[str] = []
     monkeypatch.setattr(pool_cli, "require_root", lambda command: None)
     monkeypatch.setattr(launch, "preload_daemon", lambda shim=False: events.append(f"preload shim={shim}"))
     monkeypatch.setattr(pool_cli, "_template", lambda shape: events.append("template"))
 
-    def fill_kept(shape: pool.Shape) -> None:
-        events.append("keeper")
-        for _ in range(pool_cli._short(shape)):
-            pooled_state()
+    def fork_keeper(next_sandbox: object, shape: str, network: str) -> tuple[int, Notifications]:
+        events.append(f"fork keeper of {shape}")
+        made = [pooled_state(network=network) for _ in range(pool_cli._short(pool.Shape.parse(shape)))]
+        return os.getpid(), _said(*({"pooled": state.id} for state in made), {"done": True})
 
     def add_one(shape: pool.Shape) -> SandboxState:
-        events.append("fork")
+        events.append("fork daemon")
         return pooled_state(network=shape.network)
 
-    monkeypatch.setattr(pool_cli, "_fill_kept", fill_kept)
+    monkeypatch.setattr(keeper, "fill_by_keeper", lambda shape: events.append("ask keeper"))
+    monkeypatch.setattr(keeper, "fork_keeper", fork_keeper)
     monkeypatch.setattr(pool_cli, "_add_one", add_one)
-    args = argparse.Namespace(size=2, shape=STANDARD.key, refill=False, memory=None, cpus=None)
-    assert pool_cli.fill(args) == 0
-    assert events == ["preload shim=False", "template", "keeper"]
+    return events
+
+
+def _fill_args(size: int, shape: pool.Shape = STANDARD) -> argparse.Namespace:
+    return argparse.Namespace(size=size, shape=shape.key, refill=False, memory=None, cpus=None)
+
+
+def test_a_fill_forks_a_keeper_after_preloading_what_it_runs_on(fill_events: list[str]) -> None:
+    """With no keeper running, a fill imports what the keeper runs on and makes the template,
+    then forks the keeper; a fill that adds nothing does neither."""
+    from hako.cli import pool as pool_cli
+
+    assert pool_cli.fill(_fill_args(2)) == 0
+    assert fill_events == ["ask keeper", "preload shim=False", "template", f"fork keeper of {STANDARD.key}"]
     assert len(pool.members()) == 2
+    fill_events.clear()
+    assert pool_cli.fill(_fill_args(2)) == 0  # full: nothing to do
+    assert fill_events == []
 
-    events.clear()
-    assert pool_cli.fill(args) == 0  # full: nothing to fork
-    assert events == []
 
-    args.shape = pool.Shape("trimmed", 256, 1, pool.SHIM_NETWORK).key
-    assert pool_cli.fill(args) == 0
-    assert events == ["preload shim=True", "template", "fork", "fork"]
+def test_a_fill_asks_the_running_keeper_first(
+    fill_events: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hako.cli import pool as pool_cli
+    from hako.runtime import keeper
+
+    def asked(shape: str) -> Notifications:
+        fill_events.append("ask keeper")
+        return _said({"pooled": pooled_state().id}, {"done": True})
+
+    monkeypatch.setattr(keeper, "fill_by_keeper", asked)
+    assert pool_cli.fill(_fill_args(1)) == 0
+    assert fill_events == ["ask keeper"] and len(capsys.readouterr().out.split()) == 1
+    # A keeper that goes away without a word (it was closing): the fill forks one of its own.
+    fill_events.clear()
+
+    def closing(shape: str) -> Notifications:
+        fill_events.append("ask keeper")
+        return _said()
+
+    monkeypatch.setattr(keeper, "fill_by_keeper", closing)
+    assert pool_cli.fill(_fill_args(2)) == 0
+    assert fill_events[0] == "ask keeper" and fill_events[-1] == f"fork keeper of {STANDARD.key}"
+    # One that fails to add one: the fill fails with its error.
+    monkeypatch.setattr(keeper, "fill_by_keeper", lambda shape: _said({"error": "no room", "exit_code": 125}))
+    with pytest.raises(HakoError, match="no room"):
+        pool_cli.fill(_fill_args(3))
+
+
+def test_a_pool_of_none_forks_a_daemon_per_sandbox(fill_events: list[str]) -> None:
+    """A containerd pod's pooled sandbox has a daemon of its own: it becomes the pod's shim."""
+    from hako.cli import pool as pool_cli
+
+    assert pool_cli.fill(_fill_args(2, pool.Shape("trimmed", 256, 1, pool.SHIM_NETWORK))) == 0
+    assert fill_events == ["preload shim=True", "template", "fork daemon", "fork daemon"]
 
 
 def test_preload_daemon_imports_what_the_daemon_runs_on() -> None:

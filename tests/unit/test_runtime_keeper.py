@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from hako.errors import HakoError
 from hako.runtime import keeper as keeper_module
 from hako.runtime.keeper import Keeper
 from hako.runtime.launch import notify
+from hako.runtime.sockets import listen_unix
 from hako.runtime.state import SandboxState, new_id, reserve
 
 
@@ -164,3 +166,43 @@ def test_a_daemon_that_crashes_takes_its_vm_along_and_nothing_else(monkeypatch: 
     assert fill.daemons[1].sandbox.vm.killed and "a bug" in fill.daemons[1].logged[0]
     assert not fill.daemons[0].sandbox.vm.killed and list(fill.keeper._serving) == [fill.made[0].id]
     fill.keeper._on_sigterm(15, None)
+
+
+def test_a_keeper_takes_later_fills_on_its_socket_and_exits_with_its_last_sandbox(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fill = Fill(monkeypatch, 1)
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: None)  # (not the main thread)
+    path = keeper_module.socket_path("trimmed/256M/1")
+    assert path.name == "trimmed_256M_1.sock"
+    path.parent.mkdir(parents=True)
+    listener = listen_unix(path)
+    read_fd, write_fd = os.pipe()
+    codes: list[int] = []
+    running = threading.Thread(
+        target=lambda: codes.append(fill.keeper.run(fill.next_sandbox, write_fd, listener, path))
+    )
+    running.start()
+    with os.fdopen(read_fd) as pipe:  # the fill that forked it, then the pipe is closed
+        assert [json.loads(line) for line in pipe] == [{"pooled": fill.made[0].id}, {"done": True}]
+
+    fill.count = 3  # a later fill: two more
+    messages = keeper_module.fill_by_keeper("trimmed/256M/1")
+    assert messages is not None
+    said = [messages.next(timeout=10) for _ in range(3)]
+    messages.close()
+    assert said == [{"pooled": fill.made[1].id}, {"pooled": fill.made[2].id}, {"done": True}]
+    assert len(fill.keeper._serving) == 3
+
+    fill.keeper._on_sigterm(15, None)
+    running.join(10)
+    assert codes == [0] and not path.exists()
+    assert keeper_module.fill_by_keeper("trimmed/256M/1") is None  # none runs: the filler forks one
+
+
+def test_a_keeper_that_died_leaves_a_socket_nobody_answers_on() -> None:
+    path = keeper_module.socket_path("trimmed/256M/1")
+    path.parent.mkdir(parents=True)
+    listen_unix(path).close()  # bound, then its keeper gone
+    assert path.exists() and keeper_module.fill_by_keeper("trimmed/256M/1") is None
+    assert not path.exists()

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hako import assets
 from hako.cli.common import accelerator, print_table, require_root
@@ -25,6 +25,9 @@ from hako.hypervisor import Accelerator, find_qemu
 from hako.runtime import paths, pool, templates
 from hako.runtime.config import SandboxConfig
 from hako.runtime.state import SandboxState, Status, age, all_states, new_id, remove_dead, reserve
+
+if TYPE_CHECKING:
+    from hako.runtime.launch import Notifications
 
 READY_TIMEOUT = 180.0
 
@@ -71,11 +74,11 @@ def fill(args: argparse.Namespace) -> int:
             remove_sandbox(state, force=True)
         if _short(shape) == 0:  # (drained meanwhile: wanted is 0)
             return 0
-        # The daemons this fill starts share what is imported now (a keeper, or forked daemons).
-        preload_daemon(shim=shape.network == pool.SHIM_NETWORK)
-        _template(shape)  # made now if missing, before the fork
         if shape.network == pool.SHIM_NETWORK:
             # A pod's sandbox: a daemon each, which becomes the pod's shim (hako.shim.pooled).
+            # They share what is imported before the first fork; the template is made first.
+            preload_daemon(shim=True)
+            _template(shape)
             while _short(shape) > 0:
                 print(_add_one(shape).short_id)
         else:
@@ -101,30 +104,54 @@ def _shape(args: argparse.Namespace) -> pool.Shape:
 
 
 def _fill_kept(shape: pool.Shape) -> None:
-    """Add what the pool lacks, all served by one keeper (:mod:`hako.runtime.keeper`)."""
-    from hako.runtime.keeper import fork_keeper
+    """Add what the pool lacks, all served by the pool's keeper (:mod:`hako.runtime.keeper`):
+    the one running, else a new one."""
+    from hako.runtime.keeper import fill_by_keeper, fork_keeper
+    from hako.runtime.launch import preload_daemon
+
+    messages = fill_by_keeper(shape.key)
+    if messages is not None:
+        try:
+            if _report(messages):
+                return
+        finally:
+            messages.close()
+        # It was closing (its last sandbox had just finished): a keeper of our own, then.
 
     def next_sandbox() -> tuple[SandboxState, SandboxConfig] | None:  # (run by the keeper)
         return _new_sandbox(shape) if _short(shape) > 0 else None
 
-    pid, messages = fork_keeper(next_sandbox, shape.network)
+    preload_daemon()  # (the keeper runs on it: imported once, before the fork)
+    _template(shape)  # made now if missing, by this process
+    pid, messages = fork_keeper(next_sandbox, shape.key, shape.network)
     try:
-        while True:
-            message = messages.next()
-            if message is None:
-                raise HakoError("the pool's keeper went away")
-            if "pooled" in message:
-                print(str(message["pooled"])[:12])
-            elif "error" in message:
-                error = HakoError(str(message["error"]))
-                error.exit_code = int(message.get("exit_code", 125))
-                raise error
-            elif "done" in message:
-                return
+        if not _report(messages):
+            raise HakoError("the pool's keeper went away")
     finally:  # (an interrupted fill: the keeper adds no more once it cannot tell us)
         messages.close()
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
+
+
+def _report(messages: Notifications) -> bool:
+    """Print the keeper's new members until it is done (True); False if it said nothing at all
+    (it went away); HakoError if adding one failed."""
+    said = False
+    while True:
+        message = messages.next()
+        if message is None:
+            if said:
+                raise HakoError("the pool's keeper went away")
+            return False
+        said = True
+        if "pooled" in message:
+            print(str(message["pooled"])[:12])
+        elif "error" in message:
+            error = HakoError(str(message["error"]))
+            error.exit_code = int(message.get("exit_code", 125))
+            raise error
+        elif "done" in message:
+            return True
 
 
 def _template(shape: pool.Shape) -> None:

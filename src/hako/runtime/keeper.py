@@ -1,4 +1,4 @@
-"""A pool's keeper: one daemon process that serves every sandbox one ``hako pool fill`` adds.
+"""A pool's keeper: one daemon process that serves every sandbox of a warm pool.
 
 A sandbox of ``hako run`` has a daemon process of its own (:mod:`hako.runtime.launch`). The
 sandboxes of a warm pool (:mod:`hako.runtime.pool`) share one instead, forked by the fill: a
@@ -6,23 +6,27 @@ Python process's memory is mostly its interpreter's and its imports', and an idl
 holds ~8 MiB of its own even when forked from a parent that imported everything (each object
 it touches is copied, for its reference count). One keeper serves each of its sandboxes as
 its own daemon would (a :class:`~hako.runtime.sandboxd.SandboxDaemon` on threads of its own,
-in one private mount namespace), goes on serving those taken from the pool, and exits once
-the last of them has finished. Each sandbox's state names the keeper as its daemon, with
+in one private mount namespace), goes on serving those taken from the pool, adds the
+sandboxes later fills of its pool ask for (a refill after `hako run` took one: on the
+keeper's socket, ``<run root>/keepers/<shape>.sock``), and exits once the last of its
+sandboxes has finished. Each sandbox's state names the keeper as its daemon, with
 ``shared_daemon`` set: such a sandbox is served while the keeper holds its ``daemon.lock``,
 and is stopped through its API (never by signalling the keeper, which would stop them all).
 
-What sharing costs: the sandboxes of one fill share a process's fate (a crash of the keeper
-ends them all, their VMs with it) and its interpreter lock. A sandbox for a containerd pod
+What sharing costs: the sandboxes of one keeper share a process's fate (a crash of the keeper
+ends them all, their VMs with it) and its interpreter lock (a container whose output floods
+its daemon slows its siblings' daemons down; their VMs run on). A sandbox for a containerd pod
 (a pool of network ``none``) is not kept this way: its daemon becomes the pod's shim
 (:mod:`hako.shim.pooled`), one process per pod as containerd expects.
 
-The keeper tells the filler, one JSON object per line on a pipe:
+The keeper tells the filler, one JSON object per line (on a pipe from the fill that forked
+it, on its socket to a later one):
 
     {"pooled": "<id>"}                              a sandbox is in the pool
     {"error": "...", "exit_code": N}                adding one failed; no more are added
     {"done": true}                                  no more are added
 
-and adds no more once the filler is gone (the pipe is closed: an interrupted fill).
+and adds no more once the filler is gone (an interrupted fill).
 """
 
 from __future__ import annotations
@@ -31,16 +35,19 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import threading
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hako.errors import HakoError
-from hako.runtime import mounts
+from hako.runtime import mounts, paths
 from hako.runtime.config import SandboxConfig
 from hako.runtime.launch import Notifications, start_daemon
+from hako.runtime.sockets import connect_unix, listen_unix
 from hako.runtime.state import SandboxState, remove_dead
 
 if TYPE_CHECKING:
@@ -48,14 +55,38 @@ if TYPE_CHECKING:
 
 READY_TIMEOUT = 180.0  # seconds for one sandbox to be restored, set up, warmed up and paused
 JOIN_POLL = 1.0
+ASK_TIMEOUT = 5.0  # seconds for a later filler to say what it wants
 
 # The next sandbox to add (made and reserved, in the keeper), or None once the pool is full.
 NextSandbox = Callable[[], "tuple[SandboxState, SandboxConfig] | None"]
 
 
-def fork_keeper(next_sandbox: NextSandbox, network: str) -> tuple[int, Notifications]:
-    """Fork a keeper that adds sandboxes on a ``network`` of that mode while ``next_sandbox``
-    gives one; its pid and its messages. The caller has no threads."""
+def socket_path(shape: str) -> Path:
+    """Where the keeper of the pool of ``shape`` (a :attr:`~hako.runtime.pool.Shape.key`)
+    takes later fills."""
+    return paths.run_root() / "keepers" / f"{shape.replace('/', '_')}.sock"
+
+
+def fill_by_keeper(shape: str) -> Notifications | None:
+    """Ask the running keeper of ``shape``'s pool to fill it; its messages, or None if no keeper
+    runs (then the caller forks one). The caller holds the pool's lock."""
+    path = socket_path(shape)
+    try:
+        sock = connect_unix(path)
+    except ConnectionRefusedError:
+        path.unlink(missing_ok=True)  # a keeper that died without removing it
+        return None
+    except OSError:
+        return None
+    with sock:
+        sock.sendall(b'{"fill": true}\n')
+        return Notifications(sock.detach())
+
+
+def fork_keeper(next_sandbox: NextSandbox, shape: str, network: str) -> tuple[int, Notifications]:
+    """Fork the keeper of ``shape``'s pool, which adds sandboxes on a ``network`` of that mode
+    while ``next_sandbox`` gives one; its pid and its messages. The caller has no threads and
+    holds the pool's lock."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid:
@@ -66,7 +97,11 @@ def fork_keeper(next_sandbox: NextSandbox, network: str) -> tuple[int, Notificat
         os.close(read_fd)
         _detach()
         mounts.private_namespace()
-        code = Keeper(network).run(next_sandbox, write_fd)
+        path = socket_path(shape)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.unlink(missing_ok=True)  # (no keeper answered on it: the caller asked first)
+        listener = listen_unix(path)
+        code = Keeper(network).run(next_sandbox, write_fd, listener, path)
     except BaseException as exc:
         with contextlib.suppress(Exception):
             message = str(exc) if isinstance(exc, HakoError) else f"internal error: {exc!r}"
@@ -81,22 +116,63 @@ class Keeper:
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._serving: dict[str, tuple[SandboxDaemon, threading.Thread]] = {}
+        self._filling = False
+        self._closed = False
 
-    def run(self, next_sandbox: NextSandbox, filler: int) -> int:
-        """Add sandboxes, then serve them all until the last has finished; the exit code."""
+    def run(self, next_sandbox: NextSandbox, filler: int, listener: socket.socket, path: Path) -> int:
+        """Add sandboxes, take later fills on ``listener``, and serve every sandbox until the
+        last has finished; the exit code."""
         signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            self._fill_for(next_sandbox, filler)
+        finally:
+            os.close(filler)
+        later = threading.Thread(
+            target=self._take_fills, args=(listener, next_sandbox), daemon=True, name="fills"
+        )
+        later.start()
+        while True:
+            with self._lock:
+                if not self._serving and not self._filling:
+                    # Closed before a later filler is let in: it finds no keeper, and forks one.
+                    self._closed = True
+                    path.unlink(missing_ok=True)
+                    listener.close()
+                    return 0
+                threads = [thread for _, thread in self._serving.values()]
+            for thread in threads or [later]:
+                thread.join(JOIN_POLL)  # (the main thread: signals are handled between joins)
+
+    def _take_fills(self, listener: socket.socket, next_sandbox: NextSandbox) -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(ASK_TIMEOUT)
+                try:
+                    asked = json.loads(conn.makefile("rb").readline() or b"null")
+                except (OSError, ValueError):
+                    continue
+                if not isinstance(asked, dict) or not asked.get("fill"):
+                    continue
+                with self._lock:
+                    if self._closed or self.stopping.is_set():
+                        continue  # the filler sees the connection end, and forks a keeper
+                    self._filling = True
+                conn.settimeout(None)
+                try:
+                    self._fill_for(next_sandbox, conn.fileno())
+                finally:
+                    with self._lock:
+                        self._filling = False
+
+    def _fill_for(self, next_sandbox: NextSandbox, filler: int) -> None:
         try:
             self._fill(next_sandbox, filler)
         finally:
             _tell(filler, {"done": True})
-            os.close(filler)
-        while True:
-            with self._lock:
-                threads = [thread for _, thread in self._serving.values()]
-            if not threads:
-                return 0
-            for thread in threads:
-                thread.join(JOIN_POLL)  # (the main thread: signals are handled between joins)
 
     def _fill(self, next_sandbox: NextSandbox, filler: int) -> None:
         while not self.stopping.is_set():

@@ -22,7 +22,8 @@ notification pipe and exits (removing its state with ``--rm``).
 A daemon in the warm pool (:mod:`hako.runtime.pool`) waits with its VM paused until a
 ``hako run`` claims it (the Daemon service's ``Claim``), or, in a pool of network ``none``,
 until a containerd shim's ``start`` hands it a pod on ``adopt.sock``: it then becomes that
-pod's shim (:mod:`hako.shim.pooled`).
+pod's shim (:mod:`hako.shim.pooled`). The other pools' daemons share a process, their pool's
+keeper (:mod:`hako.runtime.keeper`), each on threads of its own.
 """
 
 from __future__ import annotations
