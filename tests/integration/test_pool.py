@@ -210,7 +210,7 @@ def test_a_fill_serves_its_sandboxes_from_one_keeper(pooled: Hako) -> None:
     states = _states(hako)
     [keeper] = {states[m]["daemon_pid"] for m in members}
     assert isinstance(keeper, int) and all(states[m]["shared_daemon"] for m in members)
-    assert (hako.run_root / "keepers" / "trimmed_256M_1.sock").exists()
+    assert (hako.run_root / "keepers" / "trimmed_256M_1" / f"{keeper}.sock").exists()
 
     taken = hako("run", "-d", "--name", "kept", BUSYBOX, "sleep", "600", check=True).stdout.strip()[:12]
     assert taken in members and _states(hako)[taken]["daemon_pid"] == keeper
@@ -241,7 +241,7 @@ def test_a_fill_serves_its_sandboxes_from_one_keeper(pooled: Hako) -> None:
     while _process_runs(keeper) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _process_runs(keeper) and _ready(hako) == []
-    assert list((hako.run_root / "keepers").iterdir()) == []
+    assert list((hako.run_root / "keepers" / "trimmed_256M_1").iterdir()) == []
     assert "Exited (137)" in hako("ps", "-a", check=True).stdout
     hako("rm", "kept", check=True)
     assert hako.sandbox_dirs() == [] and qemu_pids_under(hako.run_root) == []

@@ -173,15 +173,17 @@ def test_a_keeper_takes_later_fills_on_its_socket_and_exits_with_its_last_sandbo
 ) -> None:
     fill = Fill(monkeypatch, 1)
     monkeypatch.setattr(signal, "signal", lambda signum, handler: None)  # (not the main thread)
-    path = keeper_module.socket_path("trimmed/256M/1")
-    assert path.name == "trimmed_256M_1.sock"
+    path = keeper_module.socket_path("trimmed/256M/1", 1234)
+    assert path.parts[-2:] == ("trimmed_256M_1", "1234.sock")
     path.parent.mkdir(parents=True)
     listener = listen_unix(path)
     read_fd, write_fd = os.pipe()
     codes: list[int] = []
-    running = threading.Thread(
-        target=lambda: codes.append(fill.keeper.run(fill.next_sandbox, write_fd, listener, path))
-    )
+
+    def keep() -> None:
+        codes.append(fill.keeper.run(fill.next_sandbox, write_fd, listener, path))
+
+    running = threading.Thread(target=keep)
     running.start()
     with os.fdopen(read_fd) as pipe:  # the fill that forked it, then the pipe is closed
         assert [json.loads(line) for line in pipe] == [{"pooled": fill.made[0].id}, {"done": True}]
@@ -201,8 +203,9 @@ def test_a_keeper_takes_later_fills_on_its_socket_and_exits_with_its_last_sandbo
 
 
 def test_a_keeper_that_died_leaves_a_socket_nobody_answers_on() -> None:
-    path = keeper_module.socket_path("trimmed/256M/1")
+    path = keeper_module.socket_path("trimmed/256M/1", 1234)
     path.parent.mkdir(parents=True)
     listen_unix(path).close()  # bound, then its keeper gone
     assert path.exists() and keeper_module.fill_by_keeper("trimmed/256M/1") is None
     assert not path.exists()
+    assert keeper_module.fill_by_keeper("trimmed/512M/1") is None  # (never a keeper)

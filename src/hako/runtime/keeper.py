@@ -8,7 +8,7 @@ it touches is copied, for its reference count). One keeper serves each of its sa
 its own daemon would (a :class:`~hako.runtime.sandboxd.SandboxDaemon` on threads of its own,
 in one private mount namespace), goes on serving those taken from the pool, adds the
 sandboxes later fills of its pool ask for (a refill after `hako run` took one: on the
-keeper's socket, ``<run root>/keepers/<shape>.sock``), and exits once the last of its
+keeper's socket, ``<run root>/keepers/<shape>/<pid>.sock``), and exits once the last of its
 sandboxes has finished. Each sandbox's state names the keeper as its daemon, with
 ``shared_daemon`` set: such a sandbox is served while the keeper holds its ``daemon.lock``,
 and is stopped through its API (never by signalling the keeper, which would stop them all).
@@ -61,26 +61,33 @@ ASK_TIMEOUT = 5.0  # seconds for a later filler to say what it wants
 NextSandbox = Callable[[], "tuple[SandboxState, SandboxConfig] | None"]
 
 
-def socket_path(shape: str) -> Path:
-    """Where the keeper of the pool of ``shape`` (a :attr:`~hako.runtime.pool.Shape.key`)
-    takes later fills."""
-    return paths.run_root() / "keepers" / f"{shape.replace('/', '_')}.sock"
+def _sockets(shape: str) -> Path:
+    return paths.run_root() / "keepers" / shape.replace("/", "_")
+
+
+def socket_path(shape: str, pid: int) -> Path:
+    """Where the keeper ``pid`` of the pool of ``shape`` (a :attr:`~hako.runtime.pool.Shape.key`)
+    takes later fills. (Its pid names it: a keeper that was stopping when a fill came may
+    still be there when the keeper forked instead is, and each removes only its own.)"""
+    return _sockets(shape) / f"{pid}.sock"
 
 
 def fill_by_keeper(shape: str) -> Notifications | None:
-    """Ask the running keeper of ``shape``'s pool to fill it; its messages, or None if no keeper
+    """Ask a running keeper of ``shape``'s pool to fill it; its messages, or None if no keeper
     runs (then the caller forks one). The caller holds the pool's lock."""
-    path = socket_path(shape)
-    try:
-        sock = connect_unix(path)
-    except ConnectionRefusedError:
-        path.unlink(missing_ok=True)  # a keeper that died without removing it
-        return None
-    except OSError:
-        return None
-    with sock:
-        sock.sendall(b'{"fill": true}\n')
-        return Notifications(sock.detach())
+    with contextlib.suppress(OSError):
+        for path in sorted(_sockets(shape).glob("*.sock")):
+            try:
+                sock = connect_unix(path)
+            except ConnectionRefusedError:
+                path.unlink(missing_ok=True)  # a keeper that died without removing it
+                continue
+            except OSError:
+                continue
+            with sock:
+                sock.sendall(b'{"fill": true}\n')
+                return Notifications(sock.detach())
+    return None
 
 
 def fork_keeper(next_sandbox: NextSandbox, shape: str, network: str) -> tuple[int, Notifications]:
@@ -97,9 +104,9 @@ def fork_keeper(next_sandbox: NextSandbox, shape: str, network: str) -> tuple[in
         os.close(read_fd)
         _detach()
         mounts.private_namespace()
-        path = socket_path(shape)
+        path = socket_path(shape, os.getpid())
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path.unlink(missing_ok=True)  # (no keeper answered on it: the caller asked first)
+        path.unlink(missing_ok=True)  # (a keeper of a reused pid, long gone)
         listener = listen_unix(path)
         code = Keeper(network).run(next_sandbox, write_fd, listener, path)
     except BaseException as exc:
