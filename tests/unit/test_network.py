@@ -63,6 +63,26 @@ def test_leases_take_free_addresses_and_free_those_of_gone_sandboxes() -> None:
     assert host.lease(here("h")) == ipaddress.IPv4Address("10.99.0.5")
 
 
+def test_leases_taken_at_once_by_threads_of_one_process_differ() -> None:
+    """A pool's keeper serves its sandboxes on threads of one process: the records' lock must
+    exclude its threads too, or two of them could lease one address."""
+    import threading
+
+    barrier = threading.Barrier(5)  # (the test subnet has five addresses)
+    leased: list[object] = []
+
+    def take(index: int) -> None:
+        barrier.wait()
+        leased.append(host.lease(here(f"s{index}")))
+
+    threads = [threading.Thread(target=take, args=(index,)) for index in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(leased)) == 5
+
+
 def test_a_port_published_by_a_live_sandbox_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     mapping = host.PortMapping.parse("18080:80")
     records.write(records.state_dir() / host.PORTS / mapping.record, here("abcdef0123456789"))

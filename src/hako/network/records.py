@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,12 +41,18 @@ class Holder:
         return process_start_ticks(self.pid) == self.start_ticks
 
 
+# A POSIX record lock excludes other processes only: the sandboxes a pool's keeper serves
+# (hako.runtime.keeper) are threads of one process, and take turns on this first.
+_THREADS = threading.Lock()
+
+
 @contextlib.contextmanager
 def locked() -> Iterator[Path]:
-    """The records, one process at a time (a POSIX record lock: a forked child does not inherit it)."""
+    """The records, one holder at a time (a POSIX record lock, which a forked child does not
+    inherit, and between the threads of a process a lock of their own)."""
     directory = state_dir()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with open(directory / "lock", "w") as lock:
+    with _THREADS, open(directory / "lock", "w") as lock:
         fcntl.lockf(lock, fcntl.LOCK_EX)
         yield directory
 
