@@ -44,9 +44,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hako.errors import HakoError
-from hako.runtime import mounts, paths
+from hako.runtime import paths
 from hako.runtime.config import SandboxConfig
-from hako.runtime.launch import Notifications, start_daemon
+from hako.runtime.launch import Notifications, fork_detached, start_daemon
 from hako.runtime.sockets import connect_unix, listen_unix
 from hako.runtime.state import SandboxState, remove_dead
 
@@ -94,27 +94,14 @@ def fork_keeper(next_sandbox: NextSandbox, shape: str, network: str) -> tuple[in
     """Fork the keeper of ``shape``'s pool, which adds sandboxes on a ``network`` of that mode
     while ``next_sandbox`` gives one; its pid and its messages. The caller has no threads and
     holds the pool's lock."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(write_fd)
-        return pid, Notifications(read_fd)
-    code = 125
-    try:
-        os.close(read_fd)
-        _detach()
-        mounts.private_namespace()
+
+    def keep(notify_fd: int, forked: float) -> int:
         path = socket_path(shape, os.getpid())
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         path.unlink(missing_ok=True)  # (a keeper of a reused pid, long gone)
-        listener = listen_unix(path)
-        code = Keeper(network).run(next_sandbox, write_fd, listener, path)
-    except BaseException as exc:
-        with contextlib.suppress(Exception):
-            message = str(exc) if isinstance(exc, HakoError) else f"internal error: {exc!r}"
-            _tell(write_fd, {"error": message, "exit_code": 125})
-    finally:
-        os._exit(code)
+        return Keeper(network).run(next_sandbox, notify_fd, listen_unix(path), path)
+
+    return fork_detached(keep)  # (its sandboxes log to their own logs)
 
 
 class Keeper:
@@ -279,14 +266,3 @@ def _tell(fd: int, message: dict[str, Any]) -> bool:
     except OSError:
         return False
     return True
-
-
-def _detach() -> None:
-    """Its own session, no terminal; its sandboxes log to their own logs."""
-    os.setsid()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)

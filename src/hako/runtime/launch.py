@@ -18,7 +18,7 @@ import select
 import signal
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from hako.errors import HakoError
@@ -99,6 +99,21 @@ def fork_sandbox(
     # start-up to the QEMU launch fell from 26-32 ms to 7.5 ms (medians of 12-16 runs).
     from hako.hypervisor.qemu import QemuVM  # noqa: F401
     from hako.network.sandbox import SandboxNetwork  # noqa: F401
+    from hako.runtime import mounts  # noqa: F401  (ctypes)
+
+    def serve(notify_fd: int, forked: float) -> int:
+        daemon = start_daemon(state, config, notify_fd, pooled=pooled, network=network, since=forked)
+        return daemon.run(notify_fd)
+
+    return fork_detached(serve, config.run_dir / "daemon.log")
+
+
+def fork_detached(
+    child: Callable[[int, float], int], log_path: str | os.PathLike[str] | None = None
+) -> tuple[int, Notifications]:
+    """Fork a daemon that runs ``child(notify_fd, forked)`` (its exit code) in a session and a
+    private mount namespace of its own, its output to ``log_path`` (else nowhere); its pid and
+    its notifications. An exception it raises is its last notification."""
     from hako.runtime import mounts  # ctypes
 
     read_fd, write_fd = os.pipe()
@@ -110,10 +125,9 @@ def fork_sandbox(
     forked = time.monotonic()
     try:
         os.close(read_fd)
-        _detach(config.run_dir / "daemon.log")
+        _detach(log_path)
         mounts.private_namespace()
-        daemon = start_daemon(state, config, write_fd, pooled=pooled, network=network, since=forked)
-        code = daemon.run(write_fd)
+        code = child(write_fd, forked)
     except BaseException as exc:
         with contextlib.suppress(Exception):
             traceback.print_exc()
@@ -158,15 +172,16 @@ def start_daemon(
     return daemon
 
 
-def _detach(log_path: str | os.PathLike[str]) -> None:
-    """Its own session, no terminal, output to ``log_path``."""
+def _detach(log_path: str | os.PathLike[str] | None) -> None:
+    """Its own session, no terminal, output to ``log_path`` (else nowhere)."""
     os.setsid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     devnull = os.open(os.devnull, os.O_RDWR)
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    log = devnull if log_path is None else os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(devnull, 0)
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.close(devnull)
-    os.close(log)
+    if log != devnull:
+        os.close(log)
