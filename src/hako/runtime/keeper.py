@@ -8,7 +8,7 @@ it touches is copied, for its reference count). One keeper serves each of its sa
 its own daemon would (a :class:`~hako.runtime.sandboxd.SandboxDaemon` on threads of its own,
 in one private mount namespace), goes on serving those taken from the pool, adds the
 sandboxes later fills of its pool ask for (a refill after `hako run` took one: on the
-keeper's socket, ``<run root>/keepers/<shape>/<pid>.sock``), and exits once the last of its
+keeper's socket, ``<run root>/keepers/<shape>/<pid>.sock``, its log beside it), and exits once the last of its
 sandboxes has finished. Each sandbox's state names the keeper as its daemon, with
 ``shared_daemon`` set: such a sandbox is served while the keeper holds its ``daemon.lock``,
 and is stopped through its API (never by signalling the keeper, which would stop them all).
@@ -99,9 +99,20 @@ def fork_keeper(next_sandbox: NextSandbox, shape: str, network: str) -> tuple[in
         path = socket_path(shape, os.getpid())
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         path.unlink(missing_ok=True)  # (a keeper of a reused pid, long gone)
-        return Keeper(network).run(next_sandbox, notify_fd, listen_unix(path), path)
+        # Its sandboxes log to their own logs; what none of them takes (a warning while one is
+        # made, a thread's unexpected exception) goes to the keeper's, kept while it runs (and
+        # after a crash).
+        log = path.with_suffix(".log")
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        try:
+            return Keeper(network).run(next_sandbox, notify_fd, listen_unix(path), path)
+        finally:
+            log.unlink(missing_ok=True)
 
-    return fork_detached(keep)  # (its sandboxes log to their own logs)
+    return fork_detached(keep)
 
 
 class Keeper:
