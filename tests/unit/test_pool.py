@@ -199,7 +199,7 @@ def test_a_pool_of_none_forks_a_daemon_per_sandbox(fill_events: list[str]) -> No
     from hako.cli import pool as pool_cli
 
     assert pool_cli.fill(_fill_args(2, pool.Shape("trimmed", 256, 1, pool.SHIM_NETWORK))) == 0
-    assert fill_events == ["preload shim=True", "template", "fork daemon", "fork daemon"]
+    assert fill_events == ["preload shim=True", "fork daemon", "fork daemon"]
 
 
 def test_preload_daemon_imports_what_the_daemon_runs_on() -> None:

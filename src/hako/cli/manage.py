@@ -21,7 +21,7 @@ from hako.cli.options import parse_signal
 from hako.errors import ContainerError, HakoError, UsageError
 from hako.oci.spec import merge_env, stop_signal
 from hako.oci.users import resolve_user
-from hako.runtime.client import connect, set_paused
+from hako.runtime.client import connect, destroy, set_paused
 from hako.runtime.output import STDERR, read_log
 from hako.runtime.state import SandboxState, Status, age, all_states, find, kill_vm, remove_dead
 
@@ -359,11 +359,7 @@ def remove_sandbox(state: SandboxState, *, force: bool) -> None:
                 f"cannot remove running container {state.name}: stop it (hako stop) or use hako rm -f"
             )
         with contextlib.suppress(HakoError):
-            agent = connect(state)
-            try:
-                agent.destroy_sandbox(timeout=15)
-            finally:
-                agent.close()
+            destroy(state)
         _wait_gone(state, timeout=20)
     remove_dead(state)
     if state.network == "bridge":
@@ -373,22 +369,26 @@ def remove_sandbox(state: SandboxState, *, force: bool) -> None:
 
 
 def _wait_gone(state: SandboxState, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while state.daemon_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if state.daemon_alive() and state.shared_daemon:
+    if _gone_within(state, timeout):
+        return
+    if state.shared_daemon:
         # A pool's keeper serves other sandboxes too: only this one's VM is killed, and the
         # keeper then finishes with it (as when a VM dies).
         kill_vm(state)
-        deadline = time.monotonic() + timeout
-        while state.daemon_alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-    elif state.daemon_alive() and state.daemon_pid:
+        _gone_within(state, timeout)
+    elif state.daemon_pid:
         # Its QEMU goes with it (the kernel kills a VM whose runtime process dies).
         with contextlib.suppress(ProcessLookupError):
             os.kill(state.daemon_pid, signal.SIGKILL)
-        while state.daemon_alive():
-            time.sleep(0.05)
+        _gone_within(state, float("inf"))
+
+
+def _gone_within(state: SandboxState, timeout: float) -> bool:
+    """Whether the sandbox's daemon is done with it, waiting up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while state.daemon_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not state.daemon_alive()
 
 
 def logs(args: argparse.Namespace) -> int:

@@ -29,8 +29,6 @@ from hako.runtime.state import SandboxState, Status, age, all_states, new_id, re
 if TYPE_CHECKING:
     from hako.runtime.launch import Notifications
 
-READY_TIMEOUT = 180.0
-
 
 def add_parsers(commands: Any) -> None:
     p = commands.add_parser("pool", help="the warm pool of restored, paused VMs hako run and the shim take")
@@ -76,9 +74,8 @@ def fill(args: argparse.Namespace) -> int:
             return 0
         if shape.network == pool.SHIM_NETWORK:
             # A pod's sandbox: a daemon each, which becomes the pod's shim (hako.shim.pooled).
-            # They share what is imported before the first fork; the template is made first.
+            # They share what is imported before the first fork (which makes the template).
             preload_daemon(shim=True)
-            _template(shape)
             while _short(shape) > 0:
                 print(_add_one(shape).short_id)
         else:
@@ -202,19 +199,15 @@ def _new_sandbox(shape: pool.Shape) -> tuple[SandboxState, SandboxConfig]:
 
 def _add_one(shape: pool.Shape) -> SandboxState:
     """One sandbox of ``shape`` in the pool, with a daemon of its own."""
-    from hako.runtime.launch import fork_sandbox
+    from hako.runtime.launch import fork_sandbox, wait_pooled
 
     state, config = _new_sandbox(shape)
     pid, notify = fork_sandbox(state, config, pooled=True, network=shape.network)
     try:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            message = notify.next(timeout=max(0.0, deadline - time.monotonic()))
-            if message is None or "final" in message or "error" in message:
-                reason = (message or {}).get("error") or ((message or {}).get("final") or {}).get("error")
-                raise HakoError(f"a pooled sandbox failed to start: {reason or 'its daemon went away'}")
-            if "pooled" in message:
-                return state
+        reason = wait_pooled(notify)
+        if reason is not None:
+            raise HakoError(f"a pooled sandbox failed to start: {reason}")
+        return state
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)

@@ -411,28 +411,18 @@ def _abort(state: SandboxState, daemon: int, notify: Notifications) -> dict[str,
     """Nothing was created: stop the daemon (and so its VM, which dies with it) and leave no
     trace. Returns the daemon's final state."""
     if state.shared_daemon:  # a pool's keeper: it serves others too, so it is asked, not signalled
-        _destroy(state)
+        from hako.runtime.client import destroy
+
+        try:
+            destroy(state)
+        except HakoError:
+            kill_vm(state)  # (its daemon then finishes with it)
     else:
         with contextlib.suppress(ProcessLookupError):
             os.kill(daemon, signal.SIGTERM)
     final = _final(notify)
     shutil.rmtree(state.dir, ignore_errors=True)
     return final
-
-
-def _destroy(state: SandboxState) -> None:
-    """Stop the sandbox through its daemon's API; failing that, kill its VM (its daemon then
-    finishes with it)."""
-    from hako.runtime.client import connect
-
-    try:
-        agent = connect(state)
-        try:
-            agent.destroy_sandbox(timeout=15)
-        finally:
-            agent.close()
-    except HakoError:
-        kill_vm(state)
 
 
 def _foreground(args: argparse.Namespace, state: SandboxState, agent: Any, notify: Notifications) -> int:

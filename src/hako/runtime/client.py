@@ -30,6 +30,15 @@ def connect(state: SandboxState) -> AgentClient:
     return AgentClient(sock)
 
 
+def destroy(state: SandboxState, timeout: float = 15.0) -> None:
+    """Ask the sandbox's daemon to stop it now; HakoError if it cannot be asked, or fails."""
+    agent = connect(state)
+    try:
+        agent.destroy_sandbox(timeout=timeout)
+    finally:
+        agent.close()
+
+
 def claim(
     client: AgentClient, name: str, *, auto_remove: bool, notify_path: Path, hostname: str | None = None
 ) -> float:

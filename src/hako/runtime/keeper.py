@@ -8,8 +8,8 @@ it touches is copied, for its reference count). One keeper serves each of its sa
 its own daemon would (a :class:`~hako.runtime.sandboxd.SandboxDaemon` on threads of its own,
 in one private mount namespace), goes on serving those taken from the pool, adds the
 sandboxes later fills of its pool ask for (a refill after `hako run` took one: on the
-keeper's socket, ``<run root>/keepers/<shape>/<pid>.sock``, its log beside it), and exits once the last of its
-sandboxes has finished. Each sandbox's state names the keeper as its daemon, with
+keeper's socket, ``<run root>/keepers/<shape>/<pid>.sock``, its log beside it), and exits
+once the last of its sandboxes has finished. Each sandbox's state names the keeper as its daemon, with
 ``shared_daemon`` set: such a sandbox is served while the keeper holds its ``daemon.lock``,
 and is stopped through its API (never by signalling the keeper, which would stop them all).
 
@@ -37,23 +37,21 @@ import os
 import signal
 import socket
 import threading
-import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from hako.errors import HakoError
 from hako.runtime import paths
 from hako.runtime.config import SandboxConfig
-from hako.runtime.launch import Notifications, fork_detached, start_daemon
+from hako.runtime.launch import Notifications, fork_detached, notify, start_daemon, wait_pooled
 from hako.runtime.sockets import connect_unix, listen_unix
 from hako.runtime.state import SandboxState, remove_dead
 
 if TYPE_CHECKING:
     from hako.runtime.sandboxd import SandboxDaemon
 
-READY_TIMEOUT = 180.0  # seconds for one sandbox to be restored, set up, warmed up and paused
 JOIN_POLL = 1.0
 ASK_TIMEOUT = 5.0  # seconds for a later filler to say what it wants
 
@@ -177,14 +175,14 @@ class Keeper:
         try:
             self._fill(next_sandbox, filler)
         finally:
-            _tell(filler, {"done": True})
+            notify(filler, {"done": True})
 
     def _fill(self, next_sandbox: NextSandbox, filler: int) -> None:
         while not self.stopping.is_set():
             try:
                 made = next_sandbox()
             except HakoError as exc:
-                _tell(filler, {"error": str(exc), "exit_code": exc.exit_code})
+                notify(filler, {"error": str(exc), "exit_code": exc.exit_code})
                 return
             if made is None:
                 return
@@ -193,9 +191,9 @@ class Keeper:
                 self._add(state, config)
             except HakoError as exc:
                 error = f"a pooled sandbox failed to start: {exc}"
-                _tell(filler, {"error": error, "exit_code": exc.exit_code})
+                notify(filler, {"error": error, "exit_code": exc.exit_code})
                 return
-            if not _tell(filler, {"pooled": state.id}):
+            if not notify(filler, {"pooled": state.id}):
                 return  # the fill was interrupted: add no more
 
     def _add(self, state: SandboxState, config: SandboxConfig) -> None:
@@ -218,7 +216,7 @@ class Keeper:
             with self._lock:
                 self._serving[state.id] = (daemon, thread)
             thread.start()
-            reason = _wait_pooled(messages, time.monotonic() + READY_TIMEOUT)
+            reason = wait_pooled(messages)
         finally:
             messages.close()
         if reason is None:
@@ -251,29 +249,3 @@ class Keeper:
             daemons = [daemon for daemon, _ in self._serving.values()]
         for daemon in daemons:
             daemon.stop_soon()
-
-
-def _wait_pooled(messages: Notifications, deadline: float) -> str | None:
-    """None once the sandbox waits in the pool; else why it will not."""
-    while True:
-        try:
-            message = messages.next(timeout=max(0.0, deadline - time.monotonic()))
-        except ValueError:
-            return "its daemon sent a malformed message"
-        if message is None:
-            return "it did not become ready" if time.monotonic() >= deadline else "its daemon ended"
-        if "pooled" in message:
-            return None
-        if "error" in message:
-            return str(message["error"])
-        if "final" in message:
-            return str((message["final"] or {}).get("error") or "its daemon ended")
-
-
-def _tell(fd: int, message: dict[str, Any]) -> bool:
-    """Whether the filler got ``message`` (False once it is gone)."""
-    try:
-        os.write(fd, json.dumps(message).encode() + b"\n")
-    except OSError:
-        return False
-    return True

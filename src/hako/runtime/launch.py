@@ -28,6 +28,8 @@ from hako.runtime.state import SandboxState
 if TYPE_CHECKING:
     from hako.runtime.sandboxd import SandboxDaemon
 
+POOLED_TIMEOUT = 180.0  # seconds for a pooled sandbox to be restored, set up, warmed up and paused
+
 
 class Notifications:
     """The daemon's notification pipe, read by the process that forked it."""
@@ -64,9 +66,32 @@ class Notifications:
         os.close(self.fd)
 
 
-def notify(fd: int, message: Mapping[str, Any]) -> None:
-    with contextlib.suppress(OSError):
+def notify(fd: int, message: Mapping[str, Any]) -> bool:
+    """Send ``message``; whether it was sent (False once the reader is gone)."""
+    try:
         os.write(fd, json.dumps(message).encode() + b"\n")
+    except OSError:
+        return False
+    return True
+
+
+def wait_pooled(messages: Notifications, timeout: float = POOLED_TIMEOUT) -> str | None:
+    """None once the pooled sandbox whose daemon sends ``messages`` waits in the pool; else why
+    it will not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            message = messages.next(timeout=max(0.0, deadline - time.monotonic()))
+        except ValueError:
+            return "its daemon sent a malformed message"
+        if message is None:
+            return "it did not become ready" if time.monotonic() >= deadline else "its daemon ended"
+        if "pooled" in message:
+            return None
+        if "error" in message:
+            return str(message["error"])
+        if "final" in message:
+            return str((message["final"] or {}).get("error") or "its daemon ended")
 
 
 def preload_daemon(*, shim: bool = False) -> None:
@@ -99,7 +124,6 @@ def fork_sandbox(
     # start-up to the QEMU launch fell from 26-32 ms to 7.5 ms (medians of 12-16 runs).
     from hako.hypervisor.qemu import QemuVM  # noqa: F401
     from hako.network.sandbox import SandboxNetwork  # noqa: F401
-    from hako.runtime import mounts  # noqa: F401  (ctypes)
 
     def serve(notify_fd: int, forked: float) -> int:
         daemon = start_daemon(state, config, notify_fd, pooled=pooled, network=network, since=forked)
